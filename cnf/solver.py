@@ -1,0 +1,127 @@
+"""ODE solver settings and the one call into torchdiffeq.
+
+:class:`Solver` holds what a solve needs (method, tolerances, adjoint or direct
+backpropagation) and :func:`integrate` runs it. Only the first ``n_controlled``
+states of the augmented state take part in adaptive step-size control: states
+that merely *measure* the trajectory (the cumulative Jacobian norm, regularizer
+integrals) must not change the steps the solver takes, or measuring R would
+change the NFE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS
+
+from cnf.errors import ConfigError, SolverError
+
+ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+
+State = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """How to integrate: a torchdiffeq ``method`` with ``rtol``/``atol`` (adaptive
+    methods) or ``step_size`` (fixed-step methods); ``adjoint`` selects
+    ``odeint_adjoint`` (O(1) memory, a second solve backwards) over direct
+    backpropagation through the solver's operations; ``adjoint_seminorm`` leaves
+    the parameter adjoints out of the backward step-size control (Kidger et al.
+    2021); ``max_num_steps`` bounds an adaptive solve (``None``: unbounded).
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    step_size: float | None = None
+    adjoint: bool = True
+    adjoint_seminorm: bool = False
+    max_num_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTIVE_METHODS + FIXED_METHODS or self.method not in SOLVERS:
+            valid = ", ".join(ADAPTIVE_METHODS + FIXED_METHODS)
+            raise ConfigError(f"unknown solver method {self.method!r}; valid: {valid}")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ConfigError(
+                f"solver tolerances must be positive (got rtol={self.rtol}, atol={self.atol})"
+            )
+        if self.method in FIXED_METHODS and not (self.step_size and self.step_size > 0):
+            raise ConfigError(
+                f"fixed-step method {self.method!r} needs a positive step_size "
+                "(for example --set solver.step_size=0.05)"
+            )
+        if self.max_num_steps is not None and self.max_num_steps < 1:
+            raise ConfigError(f"max_num_steps must be positive (got {self.max_num_steps})")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    def describe(self) -> str:
+        if self.adaptive:
+            return f"{self.method} (rtol={self.rtol:g}, atol={self.atol:g})"
+        return f"{self.method} (step_size={self.step_size:g})"
+
+
+def integrate(
+    solver: Solver,
+    dynamics: Callable[[Tensor, State], State],
+    state: State,
+    times: Tensor,
+    params: Sequence[Tensor],
+    n_controlled: int,
+) -> State:
+    """Integrate ``dynamics`` from ``times[0]`` to ``times[-1]``; return the final state.
+
+    ``params`` are the tensors ``dynamics`` closes over that need gradients (used
+    by the adjoint method). Raises :class:`SolverError` if the step size underflows.
+    """
+
+    def norm(states: Sequence[Tensor]) -> Tensor:
+        return torch.stack(
+            [s.pow(2).mean().sqrt() for s in states[:n_controlled]]
+        ).max()
+
+    options: dict = {"norm": norm}
+    if solver.step_size is not None and not solver.adaptive:
+        options["step_size"] = solver.step_size
+    if solver.max_num_steps is not None and solver.adaptive:
+        options["max_num_steps"] = solver.max_num_steps
+    kwargs = dict(rtol=solver.rtol, atol=solver.atol, method=solver.method, options=options)
+    try:
+        if solver.adjoint:
+            adjoint_options = {k: v for k, v in options.items() if k != "norm"}
+            if solver.adjoint_seminorm:
+                adjoint_options["norm"] = "seminorm"
+            out = odeint_adjoint(
+                dynamics, state, times, adjoint_params=tuple(params),
+                adjoint_options=adjoint_options, **kwargs,
+            )
+        else:
+            out = odeint(dynamics, state, times, **kwargs)
+    except AssertionError as exc:
+        raise solver_failure(exc, solver) from exc
+    return tuple(s[-1] for s in out)
+
+
+def solver_failure(exc: BaseException, solver: Solver, where: str = "") -> Exception:
+    """Turn torchdiffeq's assertion (step underflow, too many steps) into a
+    :class:`SolverError` with advice; any other exception is returned unchanged."""
+    text = str(exc)
+    if "underflow in dt" not in text and "max_num_steps" not in text:
+        return exc
+    what = "step size underflowed" if "underflow" in text else "step limit exceeded"
+    return SolverError(
+        f"ODE solver {solver.describe()} {what}{where}: the dynamics became too stiff. "
+        "Try a looser tolerance (--set solver.rtol=1e-4 --set solver.atol=1e-4), more "
+        "weight decay (train.weight_decay), kinetic/Jacobian regularization "
+        "(regularization.kinetic, regularization.jacobian_frobenius), or a fixed-step "
+        "solver (--set solver.method=rk4 --set solver.step_size=0.05)"
+    )
