@@ -28,6 +28,7 @@ from cnf.errors import CheckpointError, ConfigError, SolverError, TrainingError,
 from cnf.evaluate import evaluate
 from cnf.flow import standard_normal_log_prob
 from cnf.solver import solver_failure
+from pruning.gates import gate_histograms
 from pruning.tracking import regularization_terms, sparsity_scalars
 
 # Sections that define the model: a resumed run must not change them.
@@ -209,10 +210,13 @@ def train(args: argparse.Namespace) -> int:
         # --- validation, figures, checkpoints ------------------------------------
         last = step == tc.iterations
         if step % tc.val_every == 0 or last:
-            val = evaluate(model, data.val, batch_size=tc.val_batch_size)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                val = evaluate(model, data.val, batch_size=tc.val_batch_size)
+                if data.event_shape == (2,):
+                    writer.add_figure("flow/density", two_d_figure(model, data), step)
             writer.add_scalar("val/nll", val.nll, step)
-            if data.event_shape == (2,):
-                writer.add_figure("flow/density", two_d_figure(model, data), step)
+            for tag, values in gate_histograms(model).items():  # empty unless gated
+                writer.add_histogram(tag, values, step)
             if val.nll < best_val:
                 best_val = val.nll
                 checkpoint(out / "best.pt")
@@ -243,7 +247,7 @@ def two_d_figure(model, data):
     model.eval()
     with torch.no_grad():
         density = density_grid(model)
-        samples = model.sample(2000)
+        samples = model.inverse(model.base_noise(2000, generator=torch.Generator().manual_seed(0)))[0]
     model.train()
     return flow_figure(density, samples, data.val)
 

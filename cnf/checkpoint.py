@@ -44,19 +44,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    corrupt = CheckpointError(
+        f"checkpoint {str(path)!r} is corrupt, truncated or not a checkpoint; "
+        "use another checkpoint (for example best.pt) or retrain"
+    )
+    if not zipfile.is_zipfile(path):
+        raise corrupt
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was refused: it holds objects that are not plain tensors "
-            f"and values ({first[:120]}); only checkpoints written by this tool are loaded"
+            f"checkpoint {str(path)!r} was refused: it holds Python objects other than tensors "
+            "and plain values, which are never unpickled; only checkpoints written by this "
+            "tool are loaded"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({type(exc).__name__}); "
-            "use another checkpoint (for example best.pt) or retrain"
-        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError):
+        raise corrupt from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a checkpoint written by this tool")
     return payload

@@ -111,12 +111,14 @@ class Flow(nn.Module):
     def base_noise(
         self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> Tensor:
-        """``n`` draws from the base distribution, scaled by ``temperature``."""
+        """``n`` draws from the base distribution, scaled by ``temperature``.
+
+        Drawn on the CPU (with ``generator`` if given, for fixed noise) and moved to
+        the model's device, so the same seed gives the same noise on any device.
+        """
         ref = next(self.parameters())
-        z = torch.randn(
-            (n, *self.event_shape), generator=generator, device=ref.device, dtype=ref.dtype
-        )
-        return z * temperature
+        z = torch.randn((n, *self.event_shape), generator=generator, dtype=ref.dtype)
+        return z.to(ref.device) * temperature
 
     def sample(self, n: int, *, temperature: float = 1.0) -> Tensor:
         """``n`` samples of shape ``(n, *event_shape)``."""

@@ -161,8 +161,9 @@ class CNFBlock(nn.Module):
         try:
             final = integrate(solver, dynamics, state, times, params, n_controlled=2)
         except SolverError as exc:
-            at = float(counter.last_t) if counter.last_t is not None else float("nan")
-            raise SolverError(f"{exc} (failed at t={at:.4g})") from exc
+            at = float(counter.last_t) if counter.last_t is not None else math.nan
+            where = f"t={at:.4g}" if math.isfinite(at) else "the initial step"
+            raise SolverError(f"{exc} (failed at {where} of [0, {float(self.end_time.detach()):.4g}])") from exc
         counter.solved = True
         sign = -1.0 if reverse else 1.0
         return BlockOutput(

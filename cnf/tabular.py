@@ -27,12 +27,14 @@ References:
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -92,9 +94,13 @@ def _read_npy(path: Path, columns: int) -> np.ndarray:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"cannot read {path} as a NumPy .npy array ({error}); {_REPLACE}") from error
+        raise DataError(
+            f"cannot read {path} as a NumPy .npy array ({error}); {_REPLACE}"
+        ) from error
     if data.ndim != 2 or data.shape[1] != columns:
-        raise DataError(f"{path} holds an array of shape {data.shape}, expected (N, {columns}); {_REPLACE}")
+        raise DataError(
+            f"{path} holds an array of shape {data.shape}, expected (N, {columns}); {_REPLACE}"
+        )
     return np.array(data, dtype=np.float64)
 
 
@@ -105,6 +111,16 @@ def _read_csv(path: Path) -> np.ndarray:
     except (OSError, ValueError) as error:
         raise DataError(
             f"cannot read {path} as a numeric CSV file with one header line ({error}); {_REPLACE}"
+        ) from error
+
+
+def _import_optional(package: str, path: Path) -> ModuleType:
+    """Import an optional dependency, or say which one reading ``path`` needs."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as error:
+        raise DataError(
+            f"reading {path} needs the optional package {package}: pip install {package}"
         ) from error
 
 
@@ -145,10 +161,7 @@ def _build_gas(paths: Sequence[Path]) -> _Arrays:
     keeps row order.
     """
     (path,) = paths
-    try:
-        import pandas as pd
-    except ImportError as error:
-        raise DataError(f"reading {path} needs the optional package pandas: pip install pandas") from error
+    pd = _import_optional("pandas", path)
     try:
         frame = pd.read_pickle(path)
     # Unpickling can fail with almost any exception type (a truncated file, a class that
@@ -158,7 +171,9 @@ def _build_gas(paths: Sequence[Path]) -> _Arrays:
             f"cannot read {path} as a pandas pickle ({type(error).__name__}: {error}); {_REPLACE}"
         ) from error
     if not isinstance(frame, pd.DataFrame):
-        raise DataError(f"{path} holds a {type(frame).__name__}, not a pandas DataFrame; {_REPLACE}")
+        raise DataError(
+            f"{path} holds a {type(frame).__name__}, not a pandas DataFrame; {_REPLACE}"
+        )
     dropped = ["Meth", "Eth", "Time"]
     absent = [column for column in dropped if column not in frame.columns]
     if absent:
@@ -246,16 +261,14 @@ def _build_bsds300(paths: Sequence[Path]) -> _Arrays:
     ``validation`` and ``test``; they are used as they are.
     """
     (path,) = paths
-    try:
-        import h5py
-    except ImportError as error:
-        raise DataError(f"reading {path} needs the optional package h5py: pip install h5py") from error
+    h5py = _import_optional("h5py", path)
+    keys = ("train", "validation", "test")
     try:
         with h5py.File(path, "r") as archive:
-            train, val, test = (np.asarray(archive[key][:]) for key in ("train", "validation", "test"))
+            train, val, test = (np.asarray(archive[key][:]) for key in keys)
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise DataError(
-            f"cannot read datasets 'train', 'validation' and 'test' from {path} ({error}); {_REPLACE}"
+            f"cannot read datasets {', '.join(keys)} from {path} ({error}); {_REPLACE}"
         ) from error
     return train, val, test
 
@@ -292,6 +305,7 @@ def load_tabular(name: str, root: str | os.PathLike[str]) -> TabularSplits:
     archive, which are preprocessed as MAF does and then cached. The cache is written
     atomically (a temporary file, then :func:`os.replace`); an unreadable or outdated cache
     is rebuilt from the raw files, and a folder that cannot be written only gives a warning.
+    The cache is not compared with the raw files: delete it after replacing them.
 
     Args:
         name: One of :data:`TABULAR_DATASETS` (case-insensitive).
@@ -312,7 +326,9 @@ def load_tabular(name: str, root: str | os.PathLike[str]) -> TabularSplits:
     key = name.lower() if isinstance(name, str) else ""
     source = _SOURCES.get(key)
     if source is None:
-        raise DataError(f"unknown tabular data set {name!r}; valid names are: {', '.join(TABULAR_DATASETS)}")
+        raise DataError(
+            f"unknown tabular data set {name!r}; valid names are: {', '.join(TABULAR_DATASETS)}"
+        )
     folder = Path(root) / source.directory
     split_paths = [folder / f"{split}.npy" for split in _SPLIT_NAMES]
     if all(path.is_file() for path in split_paths):
@@ -412,7 +428,10 @@ def _missing_message(
         )
     needs = ""
     if source.package:
-        needs = f" Reading it needs the optional package {source.package}: pip install {source.package}."
+        needs = (
+            f" Reading it needs the optional package {source.package}: "
+            f"pip install {source.package}."
+        )
     return (
         f"{key.upper()} data not found: expected {raw}. The file(s) are in {_ZENODO}; extract "
         f"them to exactly that path, or put already preprocessed train.npy, val.npy and "

@@ -57,10 +57,8 @@ def _two_spirals(n: int, rng: np.random.Generator) -> np.ndarray:
     """
     half = n - n // 2
     t = 3.0 * np.pi * np.sqrt(rng.uniform(size=half))
-    arm = np.stack(
-        [-np.cos(t) * t + 0.5 * rng.uniform(size=half), np.sin(t) * t + 0.5 * rng.uniform(size=half)],
-        axis=1,
-    )
+    jitter = 0.5 * rng.uniform(size=(half, 2))
+    arm = np.stack([-np.cos(t) * t, np.sin(t) * t], axis=1) + jitter
     points = np.concatenate([arm, -arm])[:n] / 3.0
     points = points + 0.1 * rng.standard_normal((n, 2))
     return rng.permutation(points)
@@ -98,7 +96,9 @@ def _pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
     tangential = 0.1 * rng.standard_normal(n)
     angle = 2.0 * np.pi * blade / 5 + 0.25 * np.exp(radial)
     cos, sin = np.cos(angle), np.sin(angle)
-    return 2.0 * np.stack([radial * cos + tangential * sin, tangential * cos - radial * sin], axis=1)
+    x = radial * cos + tangential * sin
+    y = tangential * cos - radial * sin
+    return 2.0 * np.stack([x, y], axis=1)
 
 
 def _rings(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -183,7 +183,9 @@ def sample_toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """
     sampler = _SAMPLERS.get(name)
     if sampler is None:
-        raise DataError(f"unknown toy data set {name!r}; valid names are: {', '.join(TOY_DATASETS)}")
+        raise DataError(
+            f"unknown toy data set {name!r}; valid names are: {', '.join(TOY_DATASETS)}"
+        )
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise DataError(f"the number of toy samples must be a positive integer, got {n!r}")
     if not isinstance(rng, np.random.Generator):

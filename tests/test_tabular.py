@@ -1,5 +1,6 @@
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,11 @@ def write_hepmass(root: Path) -> tuple[np.ndarray, np.ndarray]:
     background = 1e3 + hepmass_features(rng, 700)
 
     def table(signal: np.ndarray, noise: np.ndarray, extra: int) -> np.ndarray:
-        rows = np.concatenate([np.c_[np.ones(len(signal)), signal], np.c_[np.zeros(len(noise)), noise]])
-        rows = np.c_[rows, np.full((len(rows), extra), 1000.0)]
+        labels = np.r_[np.ones(len(signal)), np.zeros(len(noise))]
+        rows = np.c_[labels, np.vstack([signal, noise]), np.full((len(labels), extra), 1000.0)]
         # Interleave background rows while keeping the signal rows in order.
-        order = np.argsort(np.r_[np.arange(len(signal)) / len(signal), rng.uniform(size=len(noise))], kind="stable")
-        return rows[order]
+        position = np.r_[np.linspace(0, 1, len(signal)), rng.uniform(size=len(noise))]
+        return rows[np.argsort(position, kind="stable")]
 
     folder = root / "hepmass"
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,14 +104,16 @@ def write_hepmass(root: Path) -> tuple[np.ndarray, np.ndarray]:
         ("1000_test.csv", test, background[200:], 1),  # the test file has one more column
     ]:
         header = ",".join(names + ["mass"] * extra)
-        np.savetxt(folder / file, table(signal, noise, extra), delimiter=",", fmt="%.9g", header=header, comments="")
+        rows = table(signal, noise, extra)
+        np.savetxt(folder / file, rows, delimiter=",", fmt="%.9g", header=header, comments="")
     return train, test
 
 
 def write_bsds300(root: Path) -> dict[str, np.ndarray]:
     h5py = pytest.importorskip("h5py", reason="BSDS300 is an HDF5 file; h5py is optional")
     rng = np.random.default_rng(4)
-    splits = {key: rng.normal(size=(n, 63)).astype(np.float32) for key, n in [("train", 100), ("validation", 20), ("test", 30)]}
+    sizes = {"train": 100, "validation": 20, "test": 30}
+    splits = {key: rng.normal(size=(n, 63)).astype(np.float32) for key, n in sizes.items()}
     (root / "BSDS300").mkdir(parents=True, exist_ok=True)
     with h5py.File(root / "BSDS300" / "BSDS300.hdf5", "w") as archive:
         for key, array in splits.items():
@@ -154,13 +157,13 @@ def test_power_follows_maf(tmp_path: Path) -> None:
     # generator drawn in the order voltage, active power, sub-meterings.
     rng = np.random.RandomState(42)
     data = raw[rng.permutation(len(raw))][:, [0, 2, 4, 5, 6, 7]]
-    voltage, active, sub_metering = 0.01 * rng.rand(1000, 1), 0.001 * rng.rand(1000, 1), rng.rand(1000, 3)
-    data[:, [0]] += active
-    data[:, [1]] += voltage
-    data[:, 2:5] += sub_metering
+    data[:, [1]] += 0.01 * rng.rand(1000, 1)
+    data[:, [0]] += 0.001 * rng.rand(1000, 1)
+    data[:, 2:5] += rng.rand(1000, 3)
     train, val, test = data[:810], data[810:900], data[900:]
     reference = data[:900]
-    assert_splits_close(splits, tuple(standardise(x, reference, ddof=0) for x in (train, val, test)))
+    expected = tuple(standardise(x, reference, ddof=0) for x in (train, val, test))
+    assert_splits_close(splits, expected)
     train_val = np.vstack([splits.train, splits.val]).astype(np.float64)
     np.testing.assert_allclose(train_val.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(train_val.std(axis=0), 1.0, atol=1e-5)
@@ -170,7 +173,8 @@ def test_miniboone_follows_maf(tmp_path: Path) -> None:
     raw = write_miniboone(tmp_path)
     splits = load_tabular("miniboone", tmp_path)
     # No shuffle; standardised with train + val statistics, population std.
-    expected = tuple(standardise(x, raw[:900], ddof=0) for x in (raw[:810], raw[810:900], raw[900:]))
+    train, val, test = raw[:810], raw[810:900], raw[900:]
+    expected = tuple(standardise(x, raw[:900], ddof=0) for x in (train, val, test))
     assert_splits_close(splits, expected)
 
 
@@ -190,8 +194,9 @@ def test_hepmass_follows_maf(tmp_path: Path) -> None:
     splits = load_tabular("hepmass", tmp_path)
     # Signal rows only; train-file statistics (sample std); val is the tail of the train file.
     reference = train[:, HEPMASS_KEPT]
-    expected = standardise(reference, reference, ddof=1), standardise(test[:, HEPMASS_KEPT], reference, ddof=1)
-    assert_splits_close(splits, (expected[0][:450], expected[0][450:], expected[1]))
+    train_val = standardise(reference, reference, ddof=1)
+    expected_test = standardise(test[:, HEPMASS_KEPT], reference, ddof=1)
+    assert_splits_close(splits, (train_val[:450], train_val[450:], expected_test))
     train_val = np.vstack([splits.train, splits.val]).astype(np.float64)
     np.testing.assert_allclose(train_val.std(axis=0, ddof=1), 1.0, atol=1e-5)
 
@@ -232,7 +237,8 @@ def overwrite_with_garbage(path: Path) -> None:
 
 
 def overwrite_with_wrong_shape(path: Path) -> None:
-    np.savez(path, version=np.int64(1), train=np.zeros((4, 5), np.float32), val=np.zeros((4, 5), np.float32), test=np.zeros((4, 5), np.float32))
+    arrays = {key: np.zeros((4, 5), np.float32) for key in ("train", "val", "test")}
+    np.savez(path, version=np.int64(1), **arrays)
 
 
 def overwrite_with_old_version(path: Path) -> None:
@@ -241,8 +247,11 @@ def overwrite_with_old_version(path: Path) -> None:
     np.savez(path, version=np.int64(0), **{key: value + 1 for key, value in arrays.items()})
 
 
-@pytest.mark.parametrize("damage", [truncate, overwrite_with_garbage, overwrite_with_wrong_shape, overwrite_with_old_version])
-def test_bad_cache_is_rebuilt(tmp_path: Path, damage) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [truncate, overwrite_with_garbage, overwrite_with_wrong_shape, overwrite_with_old_version],
+)
+def test_bad_cache_is_rebuilt(tmp_path: Path, damage: Callable[[Path], None]) -> None:
     write_miniboone(tmp_path)
     first = load_tabular("miniboone", tmp_path)
     cache = tmp_path / "miniboone" / "processed.npz"
@@ -282,7 +291,9 @@ def test_missing_files_name_path_and_zenodo(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "package"), [("gas", "pandas"), ("bsds300", "h5py")])
-def test_missing_optional_package(name: str, package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_optional_package(
+    name: str, package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / RAW_FILES[name][0]
     path.parent.mkdir(parents=True)
     path.write_bytes(b"placeholder")
@@ -332,7 +343,8 @@ def test_presplit_layout_is_loaded_as_is(tmp_path: Path) -> None:
     folder = tmp_path / "gas"
     folder.mkdir()
     rng = np.random.default_rng(5)
-    arrays = {split: rng.normal(size=(n, 8)) for split, n in [("train", 30), ("val", 5), ("test", 7)]}
+    sizes = {"train": 30, "val": 5, "test": 7}
+    arrays = {split: rng.normal(size=(n, 8)) for split, n in sizes.items()}
     for split, array in arrays.items():
         np.save(folder / f"{split}.npy", array)
     splits = load_tabular("gas", tmp_path)
@@ -344,7 +356,9 @@ def test_presplit_layout_is_loaded_as_is(tmp_path: Path) -> None:
         load_tabular("gas", tmp_path)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "miniboone").is_dir(), reason=f"no real MINIBOONE splits at {SHARED_DATA}")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "miniboone").is_dir(), reason=f"no real MINIBOONE splits at {SHARED_DATA}"
+)
 def test_real_miniboone_presplit(tmp_path: Path) -> None:
     folder = tmp_path / "miniboone"
     folder.mkdir()

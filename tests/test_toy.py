@@ -53,7 +53,8 @@ def test_eight_gaussians_clusters() -> None:
     for k in range(8):
         members = x[nearest == k]
         assert abs(len(members) / len(x) - 1 / 8) < 0.01
-        np.testing.assert_allclose(members.mean(axis=0), centres[k], atol=5 * std / np.sqrt(len(members)))
+        se = std / np.sqrt(len(members))
+        np.testing.assert_allclose(members.mean(axis=0), centres[k], atol=5 * se)
         np.testing.assert_allclose(members.std(axis=0), std, rtol=0.05)
 
 

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from cnf.config import Config, apply_overrides, from_dict, load_config, to_dict
+from cnf.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    if "base" in raw:  # comparison configs hold a train config under ``base``
+        pytest.skip("comparison config: checked by the comparison tests")
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_round_trip():
+    assert from_dict(to_dict(Config())) == Config()
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["solver.rtol=1e-4", "train.iterations=7", "model.hidden_dims=[8,8]",
+                             "solver.adjoint=false", "solver.step_size=0.1", "model.hidden_dims=16-16"])
+    assert cfg.solver.rtol == 1e-4 and isinstance(cfg.solver.rtol, float)
+    assert cfg.train.iterations == 7
+    assert cfg.solver.adjoint is False
+    assert cfg.model.hidden_dims == [16, 16]
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("solver:\n  rtol: 1e-6\n")  # YAML 1.1 reads this as a string
+    assert load_config(p).solver.rtol == 1e-6
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("solver.rtl=1e-4", r"unknown config key 'solver.rtl'; valid keys in solver: method, rtol"),
+        ("bogus=1", r"unknown config key 'bogus'; valid keys in config: seed, data"),
+        ("train.iterations=many", r"train.iterations must be an integer"),
+        ("train.iterations=1.5", r"train.iterations must be an integer"),
+        ("solver.adjoint=maybe", r"solver.adjoint must be true or false"),
+        ("model.hidden_dims=wide", r"model.hidden_dims\[0\] must be an integer"),
+        ("train.lr=-1", r"train.lr must be positive"),
+        ("pruning.sparsity=1.0", r"pruning.sparsity must be in \[0, 1\)"),
+        ("regularization.l0=-1", r"regularization.l0 must be non-negative"),
+        ("data=3", r"data must be a mapping"),
+        ("solver.rtol", r"must look like key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_problem(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_apply_overrides_does_not_mutate_input():
+    base = {"solver": {"rtol": 1e-5}}
+    apply_overrides(base, ["solver.rtol=1e-3"])
+    assert base == {"solver": {"rtol": 1e-5}}

@@ -1,0 +1,97 @@
+"""End-to-end: train.py and sample.py through their ``main`` entry points."""
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from cnf.checkpoint import load_checkpoint
+
+QUICK = ["--set", "train.iterations=4", "--set", "train.val_every=2", "--set", "train.log_every=1",
+         "--set", "model.hidden_dims=[16,16]", "--set", "data.val_size=200", "--set", "data.test_size=200",
+         "--set", "solver.rtol=1e-3", "--set", "solver.atol=1e-3"]
+
+
+def run_train(out, *extra):
+    return train.main(["configs/toy.yaml", "--out", str(out), *QUICK, *extra])
+
+
+def test_train_resume_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(out) == 0
+    for name in ("checkpoint.pt", "best.pt", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    assert run_train(out, "--resume", "--set", "train.iterations=6") == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    assert sample.main([str(out / "checkpoint.pt"), "--out", str(tmp_path / "s.npy"), "--n", "50"]) == 0
+    samples = np.load(tmp_path / "s.npy")
+    assert samples.shape == (50, 2) and np.isfinite(samples).all()
+    assert sample.main([str(out / "best.pt"), "--out", str(tmp_path / "s.png"), "--n", "50"]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert "NFE" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Six steps straight equal three steps, stop, resume, three more (Hutchinson: RNG matters)."""
+    hutch = ["--set", "model.divergence=hutchinson", "--set", "model.test_divergence=exact",
+             "--set", "train.checkpoint_every=3"]
+    assert run_train(tmp_path / "a", *hutch, "--set", "train.iterations=6") == 0
+    assert run_train(tmp_path / "b", *hutch, "--set", "train.iterations=3") == 0
+    assert run_train(tmp_path / "b", *hutch, "--set", "train.iterations=6", "--resume") == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path, capsys):
+    assert run_train(tmp_path / "r") == 0
+    code = run_train(tmp_path / "r", "--resume", "--set", "model.hidden_dims=[8]")
+    assert code != 0
+    assert "differs from the checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, match, code",
+    [
+        (["configs/missing.yaml"], "does not exist", 2),
+        (["configs/toy.yaml", "--set", "data.name=spiral"], "unknown dataset 'spiral'", 3),
+        (["configs/toy.yaml", "--set", "solver.rtol=0"], "tolerances must be positive", 2),
+        (["configs/toy.yaml", "--set", "solver.method=rk5"], "unknown solver method", 2),
+        (["configs/toy.yaml", "--set", "solver.method=rk4"], "needs a positive step_size", 2),
+        (["configs/toy.yaml", "--resume"], "nothing|no .*checkpoint.pt", 4),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match, code):
+    assert train.main([argv[0], "--out", str(tmp_path / "x"), *argv[1:]]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert __import__("re").search(match, err), err
+
+
+def test_sample_refuses_bad_checkpoints(tmp_path, capsys):
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"not a checkpoint at all")
+    assert sample.main([str(fake), "--out", str(tmp_path / "s.npy")]) == 4
+    assert "corrupt" in capsys.readouterr().err
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cnf-checkpoint/1", "x": Evil()}, evil)
+    assert sample.main([str(evil), "--out", str(tmp_path / "s.npy")]) == 4
+    err = capsys.readouterr()
+    assert "refused" in err.err and "pwned" not in err.out
+
+
+def test_solver_underflow_is_explained(tmp_path, capsys):
+    code = run_train(tmp_path / "u", "--set", "solver.rtol=1e-30", "--set", "solver.atol=1e-30",
+                     "--set", "solver.max_num_steps=50")
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert "block 0" in err and "failed at" in err and "rk4" in err
