@@ -3,13 +3,16 @@
     python sample.py CHECKPOINT --out PATH [--n N] [--temperature T] [--seed S]
 
 PATH ending in ``.npy`` or ``.pt`` gets the raw samples; ``.png`` gets a figure
-(2-D data: model density and samples). The model is rebuilt from the config
-stored in the checkpoint; the NFE and wall time of sampling are printed.
+(2-D data: model density and samples; images: a grid of the samples). Samples of
+image models are pixel intensities in [0, 1] (the logit transform undone). The
+model is rebuilt from the config stored in the checkpoint; the NFE and wall time
+of sampling are printed (per image for image models).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from cnf.checkpoint import load_checkpoint
 from cnf.config import from_dict
 from cnf.errors import CheckpointError, ConfigError, UserError
 from cnf.flow import Flow
+from cnf.images import logit_inverse
 
 SUFFIXES = (".npy", ".pt", ".png")
 
@@ -81,6 +85,9 @@ def sample(args: argparse.Namespace) -> int:
             nfe += trace.nfe_forward
     seconds = time.perf_counter() - start
     samples = torch.cat(chunks)
+    image = len(model.event_shape) == 3
+    if image:
+        samples = logit_inverse(samples, image_alpha(args.checkpoint)).clamp(0.0, 1.0)
 
     try:
         if out.suffix == ".npy":
@@ -92,14 +99,25 @@ def sample(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write {str(out)!r}: {exc.strerror}") from None
     solves = -(-args.n // args.batch_size)
+    per = f"{seconds / args.n:.4f} s per image" if image else f"{1e3 * seconds / args.n:.3f} ms per sample"
     print(f"wrote {args.n} samples to {out}; NFE {nfe / solves:.0f} per solve "
-          f"({solves} solves); {seconds:.2f} s ({1e3 * seconds / args.n:.3f} ms per sample)")
+          f"({solves} solves); {seconds:.2f} s ({per})")
     return 0
 
 
+def image_alpha(path: str | Path) -> float:
+    """The α of the logit transform an image model's checkpoint was trained with."""
+    return from_dict(load_checkpoint(path)["config"]).data.logit_alpha
+
+
 def write_figure(model: Flow, samples: torch.Tensor, out: Path) -> None:
+    if len(model.event_shape) == 3:
+        from torchvision.utils import save_image
+
+        save_image(samples, out, nrow=math.ceil(math.sqrt(len(samples))), padding=2, pad_value=1.0)
+        return
     if model.event_shape != (2,):
-        raise ConfigError("a .png output needs 2-D data; use .npy or .pt")
+        raise ConfigError("a .png output needs 2-D data or images; use .npy or .pt")
     from cnf.plots import density_grid, flow_figure
 
     fig = flow_figure(density_grid(model), samples)

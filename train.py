@@ -22,11 +22,13 @@ from tqdm import tqdm
 
 from build import build_model
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cnf import distributed
 from cnf.config import Config, load_config, save_config, to_dict
 from cnf.data import make_data
-from cnf.errors import CheckpointError, ConfigError, SolverError, TrainingError, UserError
+from cnf.errors import CheckpointError, ConfigError, NonFiniteError, SolverError, TrainingError, UserError
 from cnf.evaluate import evaluate
 from cnf.flow import standard_normal_log_prob
+from cnf.images import sample_grid
 from cnf.solver import solver_failure
 from pruning.gates import gate_histograms
 from pruning.tracking import regularization_terms, sparsity_scalars
@@ -43,18 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a config value, e.g. --set solver.rtol=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device (use auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no GPU is available; use --set train.device=cpu")
-    return device
 
 
 def prepare_run_dir(out: Path, resume: bool) -> None:
@@ -83,25 +73,33 @@ def check_resumable(config: Config, saved: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ctx = None
     try:
-        return train(args)
+        config = load_config(args.config, args.overrides)
+        ctx = distributed.setup(config.train.device)
+        return train(args, config, ctx)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        if ctx is not None:
+            distributed.teardown(ctx)
 
 
-def train(args: argparse.Namespace) -> int:
-    # --- config and run directory -------------------------------------------------
-    config = load_config(args.config, args.overrides)
+def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) -> int:
+    # --- run directory (rank 0 writes; every rank reads a checkpoint to resume) ---
     out = Path(args.out)
-    prepare_run_dir(out, args.resume)
+    tc = config.train
+    distributed.check_batch_size(tc.batch_size, ctx)
+    if ctx.main:
+        prepare_run_dir(out, args.resume)
     saved = load_checkpoint(out / "checkpoint.pt") if args.resume else None
     if saved is not None:
         check_resumable(config, saved["config"])
-    save_config(config, out / "config.yaml")
-    tc = config.train
-    device = pick_device(tc.device)
-    torch.manual_seed(config.seed)
+    if ctx.main:
+        save_config(config, out / "config.yaml")
+    device = ctx.device
+    torch.manual_seed(config.seed)  # the same initial model on every rank
 
     # --- data and model ---------------------------------------------------------
     data = make_data(config.data, config.seed)
@@ -111,9 +109,12 @@ def train(args: argparse.Namespace) -> int:
 
         report = prune_at_init(model, data, config, device)
         print(report, file=sys.stderr)
+    # Ranks draw their own probes and gate samples, reproducibly from the seed.
+    torch.manual_seed(config.seed + 7919 * ctx.rank)
+    step_model = distributed.wrap(model, ctx)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
-    step, best_val, bad_steps, skipped = 0, math.inf, 0, 0
+    step, best_val, bad_steps, skipped, stale = 0, math.inf, 0, 0, 0
     if saved is not None:
         try:
             model.load_state_dict(saved["model"])
@@ -121,16 +122,28 @@ def train(args: argparse.Namespace) -> int:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint does not match the model: {str(exc).splitlines()[0]}") from None
         data.load_state_dict(saved["data"])
-        set_rng_state(saved["rng"])
+        if len(saved["rng"]) != ctx.world_size:
+            raise CheckpointError(
+                f"--resume: the checkpoint was written by {len(saved['rng'])} process(es), "
+                f"this run has {ctx.world_size}; resume with the same number of processes"
+            )
+        set_rng_state(saved["rng"][ctx.rank])
         step, best_val, skipped = saved["step"], saved["best_val"], saved["skipped_steps"]
+        stale = saved["stale_validations"]
 
-    def checkpoint(path: Path) -> None:
+    def checkpoint(path: Path, rng: list | None = None) -> None:
+        """Rank 0 writes; the latest checkpoint holds every rank's RNG state (a
+        collective, so every rank calls it); ``best.pt`` (rank 0 only) passes its own."""
+        if rng is None:
+            rng = distributed.gather_objects(rng_state(), ctx)
+        if not ctx.main:
+            return
         save_checkpoint(
             {
                 "config": to_dict(config), "event_shape": list(data.event_shape),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "best_val": best_val, "skipped_steps": skipped,
-                "rng": rng_state(), "data": data.state_dict(),
+                "step": step, "best_val": best_val, "skipped_steps": skipped, "stale_validations": stale,
+                "rng": rng, "data": data.state_dict(),
             },
             path,
         )
@@ -144,39 +157,40 @@ def train(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
 
-    writer = SummaryWriter(str(out), purge_step=step if step > 0 else None)
-    bar = tqdm(total=tc.iterations, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    # Image runs log samples from the same base noise at every validation.
+    fixed_noise = model.base_noise(64, generator=torch.Generator().manual_seed(config.seed))
+    # the checkpoint at `step` was written after that step's events: purge only later ones
+    writer = SummaryWriter(str(out), purge_step=step + 1 if step > 0 else None) if ctx.main else None
+    bar = tqdm(total=tc.iterations, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=not ctx.main)
     model.train()
     while step < tc.iterations:
         # --- one optimization step ---------------------------------------------
         start = time.perf_counter()
-        x = data.train_batch(tc.batch_size).to(device)
+        x = distributed.shard(data.train_batch(tc.batch_size), ctx).to(device)
         try:
-            trace = model.trace(x)
-            nll = -(standard_normal_log_prob(trace.out) + trace.logabsdet).mean()
-            loss = nll
-            r = config.regularization
-            if trace.kinetic is not None:
-                loss = loss + r.kinetic * trace.kinetic.mean() + r.jacobian_frobenius * trace.jac_frobenius.mean()
-            penalties = regularization_terms(model, r)
-            for name, value in penalties.items():
-                loss = loss + getattr(r, name) * value
-            optimizer.zero_grad(set_to_none=True)
+            nll, loss, trace, penalties = training_loss(step_model, model, data, x, config)
             finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-                finite = bool(torch.isfinite(grad_norm))
-        except AssertionError as exc:  # torchdiffeq's step-size underflow, in the adjoint solve
-            checkpoint(out / "checkpoint.pt")
-            raise solver_failure(exc, model.blocks[0].solver, " in the backward (adjoint) solve") from None
+        except NonFiniteError:
+            finite = False
         except SolverError:
             checkpoint(out / "checkpoint.pt")
             raise
+        finite = not distributed.any_rank(not finite, ctx)  # every rank skips, or none
+        optimizer.zero_grad(set_to_none=True)
+        if finite:
+            try:
+                loss.backward()
+            except AssertionError as exc:  # torchdiffeq's step-size underflow, in the adjoint solve
+                checkpoint(out / "checkpoint.pt")
+                raise solver_failure(exc, model.blocks[0].solver, " in the backward (adjoint) solve") from None
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+            finite = bool(torch.isfinite(grad_norm))
         if not finite:
             skipped += 1
             bad_steps += 1
-            writer.add_scalar("train/skipped_steps", skipped, step)
+            if writer is not None:
+                writer.add_scalar("train/skipped_steps", skipped, step)
             if bad_steps >= tc.max_bad_steps:
                 raise TrainingError(
                     f"{bad_steps} steps in a row had a NaN/inf loss or gradient (step {step}); "
@@ -189,15 +203,19 @@ def train(args: argparse.Namespace) -> int:
         step += 1
         elapsed = time.perf_counter() - start
 
-        # --- logging -------------------------------------------------------------
+        # --- logging (averaged over ranks) ---------------------------------------
         bar.update(1)
         if step % tc.log_every == 0 or step == 1:
-            bar.set_postfix(nll=f"{nll.item():.3f}", nfe=f"{trace.nfe_forward}/{trace.nfe_backward}")
+            nll_v, nfe_f, nfe_b, jac = distributed.mean_over_ranks(
+                [nll.item(), trace.nfe_forward, trace.nfe_backward, trace.jac_norm.mean().item()], ctx
+            )
+            bar.set_postfix(nll=f"{nll_v:.3f}", nfe=f"{nfe_f:.0f}/{nfe_b:.0f}")
             scalars = {
-                "train/nll": nll.item(),
-                "nfe/forward": trace.nfe_forward,
-                "nfe/backward": trace.nfe_backward,
-                "jacobian/cumulative_norm": trace.jac_norm.mean().item(),
+                "train/nll": nll_v,
+                **{f"train/{k}": v for k, v in data.metrics(nll_v).items()},
+                "nfe/forward": nfe_f,
+                "nfe/backward": nfe_b,
+                "jacobian/cumulative_norm": jac,
                 "flow/end_time": torch.stack([b.end_time for b in model.blocks]).mean().item(),
                 "train/lr": optimizer.param_groups[0]["lr"],
                 "time/iter_seconds": elapsed,
@@ -205,40 +223,80 @@ def train(args: argparse.Namespace) -> int:
                 **sparsity_scalars(model),
             }
             for tag, value in scalars.items():
-                writer.add_scalar(tag, value, step)
+                if writer is not None:
+                    writer.add_scalar(tag, value, step)
 
         # --- validation, figures, checkpoints ------------------------------------
         last = step == tc.iterations
-        if step % tc.val_every == 0 or last:
+        if ctx.main and (step % tc.val_every == 0 or last):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                val = evaluate(model, data.val, batch_size=tc.val_batch_size)
-                if data.event_shape == (2,):
+                val = evaluate(model, data.val, batch_size=tc.val_batch_size, preprocess=data.preprocess)
+                if tc.figures and data.event_shape == (2,):
                     writer.add_figure("flow/density", two_d_figure(model, data), step)
+                if tc.figures and len(data.event_shape) == 3:
+                    writer.add_image("flow/samples", sample_grid(model, fixed_noise, config.data.logit_alpha), step)
             writer.add_scalar("val/nll", val.nll, step)
+            for k, v in data.metrics(val.nll).items():
+                writer.add_scalar(f"val/{k}", v, step)
             for tag, values in gate_histograms(model).items():  # empty unless gated
                 writer.add_histogram(tag, values, step)
+            stale = 0 if val.nll < best_val else stale + 1
             if val.nll < best_val:
                 best_val = val.nll
-                checkpoint(out / "best.pt")
-        if step % tc.checkpoint_every == 0 or last or stop["signal"] is not None:
+                checkpoint(out / "best.pt", rng=[rng_state()])
+        early_stop = distributed.broadcast_object(tc.early_stopping > 0 and stale >= tc.early_stopping, ctx) \
+            if step % tc.val_every == 0 or last else False
+        stop_now = distributed.any_rank(stop["signal"] is not None, ctx)
+        if step % tc.checkpoint_every == 0 or last or early_stop or stop_now:
             checkpoint(out / "checkpoint.pt")
-        if stop["signal"] is not None:
-            writer.close()
-            print(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, "
-                  f"continue with --resume", file=sys.stderr)
-            return 128 + stop["signal"]
+        if early_stop:
+            if ctx.main:
+                print(f"early stopping at step {step}: no better validation NLL in {stale} validations",
+                      file=sys.stderr)
+            break
+        if stop_now:
+            if writer is not None:
+                writer.close()
+            signum = stop["signal"] or signal.SIGTERM
+            if ctx.main:
+                print(f"stopped by signal {signum} at step {step}; checkpoint written, "
+                      f"continue with --resume", file=sys.stderr)
+            return 128 + signum
     bar.close()
+    if not ctx.main:
+        return 0
 
     # --- final test evaluation with the best model --------------------------------
     best = load_checkpoint(out / "best.pt", map_location=device) if (out / "best.pt").is_file() else None
     if best is not None:
         model.load_state_dict(best["model"])
-    test = evaluate(model, data.test, batch_size=tc.val_batch_size)
+    test = evaluate(model, data.test, batch_size=tc.val_batch_size, preprocess=data.preprocess)
     writer.add_scalar("test/nll", test.nll, step)
+    for k, v in data.metrics(test.nll).items():
+        writer.add_scalar(f"test/{k}", v, step)
+    writer.add_scalar("test/jacobian_norm", test.jac_norm, step)
+    writer.add_scalar("test/nfe", test.nfe, step)
     writer.close()
-    print(f"done: {step} steps; best val NLL {best_val:.4f}; test NLL {test.nll:.4f} "
+    derived = "".join(f", {k} {v:.4f}" for k, v in data.metrics(test.nll).items())
+    print(f"done: {step} steps; best val NLL {best_val:.4f}; test NLL {test.nll:.4f}{derived} "
           f"(R {test.jac_norm:.3f}, NFE {test.nfe:.0f}) -> {out}")
     return 0
+
+
+def training_loss(step_model, model, data, x, config: Config):
+    """``(nll, loss, trace, penalties)`` of one training batch: the data NLL (nats per
+    example, preprocessing included) plus the weighted RNODE and sparsity penalties."""
+    x, pre_logdet = data.preprocess(x)  # images: dequantize, logit; else identity
+    trace = step_model(x)
+    nll = -(standard_normal_log_prob(trace.out) + trace.logabsdet + pre_logdet).mean()
+    r = config.regularization
+    loss = nll
+    if trace.kinetic is not None:
+        loss = loss + r.kinetic * trace.kinetic.mean() + r.jacobian_frobenius * trace.jac_frobenius.mean()
+    penalties = regularization_terms(model, r)
+    for name, value in penalties.items():
+        loss = loss + getattr(r, name) * value
+    return nll, loss, trace, penalties
 
 
 def two_d_figure(model, data):

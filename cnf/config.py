@@ -28,23 +28,37 @@ def _check(cond: bool, message: str) -> None:
 @dataclass
 class DataConfig:
     """``name``: a toy set (checkerboard, 8gaussians, ...), a tabular benchmark
-    (power, gas, hepmass, miniboone, bsds300) or mnist; ``root``: where data files
-    live; ``val_size``/``test_size``: sizes of the fixed toy evaluation sets;
-    ``download``: let torchvision download MNIST if it is missing."""
+    (power, gas, hepmass, miniboone, bsds300), mnist or synthetic8 (8x8 bar images
+    for smoke tests); ``root``: where data files live; ``val_size``/``test_size``:
+    sizes of the fixed toy evaluation sets, and for images the validation images
+    held out from the training split and the test images used; ``download``: let
+    torchvision download MNIST if it is missing; ``subset``: use only the first
+    ``subset`` training images (null: all); ``logit_alpha``: α of the images'
+    logit transform ``logit(α + (1 - 2α) y)``."""
 
     name: str = "checkerboard"
     root: str = "data"
     val_size: int = 2000
     test_size: int = 5000
     download: bool = False
+    subset: int | None = None
+    logit_alpha: float = 1e-6
 
     def __post_init__(self) -> None:
         _check(self.val_size > 0 and self.test_size > 0, "data.val_size and data.test_size must be positive")
+        _check(self.subset is None or self.subset > 0, f"data.subset must be positive or null (got {self.subset})")
+        _check(0 < self.logit_alpha < 0.5, f"data.logit_alpha must be in (0, 0.5) (got {self.logit_alpha})")
 
 
 @dataclass
 class ModelConfig:
-    """The vector field and its ODE blocks (FFJORD's toy defaults)."""
+    """The vector field and its ODE blocks (FFJORD's toy defaults).
+
+    For images, ``hidden_dims`` are the channels of the convolutional field
+    (3x3 kernels, ``kernel_size``), ``num_blocks`` the blocks before and again
+    after each squeeze, and ``scales`` the number of scales of the multiscale
+    flow (null: as many as the image size allows, FFJORD's choice: 3 for MNIST).
+    """
 
     hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
     layer_type: str = "concatsquash"
@@ -55,8 +69,13 @@ class ModelConfig:
     divergence: str = "exact"
     test_divergence: str | None = None
     noise: str = "gaussian"
+    scales: int | None = None
+    kernel_size: int = 3
 
     def __post_init__(self) -> None:
+        _check(self.scales is None or self.scales > 0, f"model.scales must be positive or null (got {self.scales})")
+        _check(self.kernel_size > 0 and self.kernel_size % 2 == 1,
+               f"model.kernel_size must be a positive odd number (got {self.kernel_size})")
         _check(len(self.hidden_dims) > 0 and all(h > 0 for h in self.hidden_dims),
                f"model.hidden_dims must be a non-empty list of positive ints (got {self.hidden_dims})")
         _check(self.num_blocks > 0, f"model.num_blocks must be positive (got {self.num_blocks})")
@@ -82,7 +101,9 @@ class SolverConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimization and bookkeeping intervals (in iterations)."""
+    """Optimization and bookkeeping intervals (in iterations). ``early_stopping``:
+    stop after this many validations without a better validation NLL (0: never);
+    ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation."""
 
     iterations: int = 10000
     batch_size: int = 100
@@ -95,6 +116,8 @@ class TrainConfig:
     device: str = "auto"
     max_bad_steps: int = 20
     grad_clip: float | None = None
+    early_stopping: int = 0
+    figures: bool = True
 
     def __post_init__(self) -> None:
         for key in ("iterations", "batch_size", "val_every", "val_batch_size", "checkpoint_every",
@@ -103,6 +126,7 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr must be positive (got {self.lr})")
         _check(self.weight_decay >= 0, f"train.weight_decay must be non-negative (got {self.weight_decay})")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be positive or null")
+        _check(self.early_stopping >= 0, f"train.early_stopping must be non-negative (got {self.early_stopping})")
 
 
 @dataclass
@@ -141,8 +165,11 @@ class RegularizationConfig:
 @dataclass
 class PruningConfig:
     """Pruning at initialization: ``method`` (none, random, magnitude, snip, synflow,
-    grasp, jacobian_spectrum, ...), target ``sparsity`` in [0, 1), ``scope`` global or
-    layer, ``batches`` scoring batches, ``layers`` fnmatch patterns of prunable weights."""
+    grasp, jacobian_spectrum, jacobian_spectrum_abs, jacobian_spectrum_snip; see
+    ``pruning/scores.py``), target ``sparsity`` in [0, 1), ``scope`` global or
+    layer, ``batches`` scoring batches, ``layers`` fnmatch patterns of prunable
+    weights, ``synflow_iterations`` SynFlow's pruning rounds, ``snip_mix`` the SNIP
+    share of ``jacobian_spectrum_snip``."""
 
     method: str = "none"
     sparsity: float = 0.0
@@ -158,6 +185,9 @@ class PruningConfig:
         _check(self.batches > 0, f"pruning.batches must be positive (got {self.batches})")
         _check(self.synflow_iterations > 0, "pruning.synflow_iterations must be positive")
         _check(0.0 <= self.snip_mix <= 1.0, f"pruning.snip_mix must be in [0, 1] (got {self.snip_mix})")
+        _check(self.method != "none" or self.sparsity == 0.0,
+               f"pruning.sparsity is {self.sparsity} but pruning.method is 'none'; "
+               "choose a method (e.g. --set pruning.method=random) or set the sparsity to 0")
 
 
 @dataclass

@@ -43,3 +43,7 @@ class TrainingError(UserError):
     """Training cannot continue (for example the loss stays NaN)."""
 
     exit_code = 6
+
+
+class NonFiniteError(TrainingError):
+    """NaN or inf values entered an ODE solve (the solver cannot step over them)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -19,9 +20,22 @@ class Evaluation:
     nfe: float
 
 
+Preprocess = Callable[[Tensor, torch.Generator], tuple[Tensor, Tensor]]
+
+
 @torch.no_grad()
-def evaluate(flow: Flow, data: Tensor, *, batch_size: int = 1000) -> Evaluation:
-    """NLL, R and NFE of ``flow`` on ``data`` in eval mode (restores the previous mode)."""
+def evaluate(
+    flow: Flow, data: Tensor, *, batch_size: int = 1000, preprocess: Preprocess | None = None
+) -> Evaluation:
+    """NLL, R and NFE of ``flow`` on ``data`` in eval mode (restores the previous mode).
+
+    ``preprocess(x, generator) -> (x_model, logdet)`` (a data source's
+    :meth:`~cnf.data.DataSource.preprocess`) maps data to what the flow models;
+    the NLL is then the data's, ``-log p(x_model) - logdet``. Its randomness (image
+    dequantization) comes from a generator seeded afresh on every call, so
+    repeated evaluations of one model agree.
+    """
+    generator = torch.Generator().manual_seed(0)
     was_training = flow.training
     flow.eval()
     device = next(flow.parameters()).device
@@ -29,8 +43,11 @@ def evaluate(flow: Flow, data: Tensor, *, batch_size: int = 1000) -> Evaluation:
     try:
         for start in range(0, len(data), batch_size):
             x = data[start : start + batch_size].to(device)
+            logdet = 0.0
+            if preprocess is not None:
+                x, logdet = preprocess(x, generator)
             trace = flow.trace(x)
-            nll -= (standard_normal_log_prob(trace.out) + trace.logabsdet).sum().item()
+            nll -= (standard_normal_log_prob(trace.out) + trace.logabsdet + logdet).sum().item()
             jac += trace.jac_norm.sum().item()
             nfe += trace.nfe_forward * len(x)
     finally:

@@ -13,8 +13,10 @@ from torch import nn
 from cnf.config import Config
 from cnf.divergence import make_divergence
 from cnf.errors import ConfigError
+from cnf.conv import ConvField
 from cnf.fields import MLPField, VectorField
 from cnf.flow import Flow
+from cnf.multiscale import MultiscaleFlow, default_scales, scale_shapes
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 
@@ -44,13 +46,19 @@ def make_field(config: Config, event_shape: Sequence[int]) -> VectorField:
         return MLPField(
             event_shape[0], m.hidden_dims, layer_type=m.layer_type, nonlinearity=m.nonlinearity
         )
+    if len(event_shape) == 3:
+        return ConvField(
+            event_shape, m.hidden_dims, layer_type=m.layer_type, nonlinearity=m.nonlinearity,
+            kernel_size=m.kernel_size,
+        )
     raise ConfigError(f"no vector field for data of shape {tuple(event_shape)}")
 
 
 def build_flow(
     config: Config, event_shape: Sequence[int], *, make_gates: GateFactory | None = None
 ) -> Flow:
-    """The flow described by ``config`` for data of ``event_shape``.
+    """The flow described by ``config`` for data of ``event_shape``: a stack of
+    ``num_blocks`` blocks for flat data, FFJORD's multiscale flow for images.
 
     ``make_gates``, if given, builds the weight gates of each block's field.
     """
@@ -58,21 +66,26 @@ def build_flow(
     solver, test_solver = make_solvers(config)
     divergence = make_divergence(m.divergence, m.noise)
     test_divergence = make_divergence(m.test_divergence, m.noise) if m.test_divergence else None
-    blocks = []
-    for _ in range(m.num_blocks):
-        field = make_field(config, event_shape)
-        blocks.append(
-            CNFBlock(
-                field,
-                end_time=m.end_time,
-                train_end_time=m.train_end_time,
-                divergence=divergence,
-                test_divergence=test_divergence,
-                solver=solver,
-                test_solver=test_solver,
-                kinetic=r.kinetic > 0,
-                jacobian_frobenius=r.jacobian_frobenius > 0,
-                gates=make_gates(field) if make_gates else None,
-            )
+
+    def make_blocks(shape: Sequence[int]) -> list[CNFBlock]:
+        return [make_block(make_field(config, shape)) for _ in range(m.num_blocks)]
+
+    def make_block(field: VectorField) -> CNFBlock:
+        return CNFBlock(
+            field,
+            end_time=m.end_time,
+            train_end_time=m.train_end_time,
+            divergence=divergence,
+            test_divergence=test_divergence,
+            solver=solver,
+            test_solver=test_solver,
+            kinetic=r.kinetic > 0,
+            jacobian_frobenius=r.jacobian_frobenius > 0,
+            gates=make_gates(field) if make_gates else None,
         )
-    return Flow(blocks, event_shape)
+
+    if len(event_shape) == 3:
+        shapes = scale_shapes(event_shape, m.scales or default_scales(event_shape))
+        scales = [(make_blocks(before), make_blocks(after) if after else []) for before, after in shapes]
+        return MultiscaleFlow(scales, event_shape)
+    return Flow(make_blocks(event_shape), event_shape)

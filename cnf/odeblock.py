@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from cnf.divergence import Divergence, Exact
-from cnf.errors import ConfigError, SolverError
+from cnf.errors import ConfigError, NonFiniteError, SolverError
 from cnf.fields import VectorField
 from cnf.solver import Solver, integrate
 
@@ -161,6 +161,8 @@ class CNFBlock(nn.Module):
         try:
             final = integrate(solver, dynamics, state, times, params, n_controlled=2)
         except SolverError as exc:
+            if not all(torch.isfinite(p).all() for p in (x, *params)):
+                raise NonFiniteError("NaN or inf values in the input or weights of an ODE solve") from exc
             at = float(counter.last_t) if counter.last_t is not None else math.nan
             where = f"t={at:.4g}" if math.isfinite(at) else "the initial step"
             raise SolverError(f"{exc} (failed at {where} of [0, {float(self.end_time.detach()):.4g}])") from exc

@@ -1,0 +1,118 @@
+"""Figure 2 of the seed on MNIST: pruned models' samples beside validation images,
+and their cumulative Jacobian norm during training.
+
+    python bench/figure2_mnist.py RUN_DIR [RUN_DIR ...] --out figure2.png
+        [--labels random jacobian_spectrum] [--n 36] [--temperature 0.7] [--seed 0]
+
+Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
+(for example the runs ``python -m pruning.compare configs/compare_mnist.yaml`` writes).
+The top row shows validation images of the first run's data and, per run, samples
+from the *same* base noise (so differences come from the models, not the draws);
+the bottom panel shows ``jacobian/cumulative_norm`` (R = Σ_blocks ∫ ‖∂f/∂z‖_F dt,
+Hutchinson estimate) against the training step for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnf.checkpoint import load_checkpoint  # noqa: E402
+from cnf.config import from_dict  # noqa: E402
+from cnf.data import make_data  # noqa: E402
+from cnf.errors import ConfigError, UserError  # noqa: E402
+from cnf.images import sample_grid  # noqa: E402
+from sample import load_model  # noqa: E402
+
+CURVE = "jacobian/cumulative_norm"
+
+
+def scalar_curve(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of one TensorBoard scalar of a run (empty if it was not logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    if tag not in events.Tags()["scalars"]:
+        return np.array([]), np.array([])
+    points = events.Scalars(tag)
+    return np.array([p.step for p in points]), np.array([p.value for p in points])
+
+
+def to_image(grid: torch.Tensor) -> np.ndarray:
+    return grid.permute(1, 2, 0).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="train.py run directories (with best.pt)")
+    p.add_argument("--out", required=True, type=Path, help="output .png")
+    p.add_argument("--labels", nargs="*", default=None, help="one label per run (default: directory names)")
+    p.add_argument("--n", type=int, default=36, help="images per panel (default 36)")
+    p.add_argument("--temperature", type=float, default=0.7, help="base noise scale (default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared base noise")
+    args = p.parse_args(argv)
+    try:
+        return figure(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def figure(args: argparse.Namespace) -> int:
+    labels = args.labels or [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise ConfigError(f"--labels needs one label per run ({len(args.runs)}), got {len(labels)}")
+    if args.n < 1 or not args.temperature > 0:
+        raise ConfigError("--n must be positive and --temperature > 0")
+    device = torch.device("cpu")
+    configs = [from_dict(load_checkpoint(run / "best.pt")["config"]) for run in args.runs]
+    if any(c.data.name != configs[0].data.name for c in configs):
+        raise ConfigError("all runs must be trained on the same image data set")
+    data = make_data(configs[0].data, configs[0].seed)
+    if len(data.event_shape) != 3:
+        raise ConfigError(f"{args.runs[0]} is not an image model (data shape {data.event_shape})")
+    nrow = math.ceil(math.sqrt(args.n))
+    from torchvision.utils import make_grid
+
+    panels = [("validation images", make_grid(data.val[: args.n].float() / 255, nrow=nrow, padding=2, pad_value=1.0))]
+    noise = torch.randn((args.n, *data.event_shape), generator=torch.Generator().manual_seed(args.seed))
+    for run, label, config in zip(args.runs, labels, configs):
+        model = load_model(run / "best.pt", device)
+        panels.append((f"{label} samples", sample_grid(model, noise * args.temperature, config.data.logit_alpha, nrow)))
+
+    fig = plt.figure(figsize=(3.2 * len(panels), 6.4))
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[1.0, 0.8])
+    for i, (title, image) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(to_image(image), interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    for run, label in zip(args.runs, labels):
+        steps, values = scalar_curve(run, CURVE)
+        ax.plot(steps, values, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cumulative Jacobian norm R")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(args.out, dpi=120)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(args.out)!r}: {exc.strerror}") from None
+    print(f"wrote {args.out} (temperature {args.temperature}, {args.n} images per panel)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Time-conditioned convolutions and FFJORD's convolutional vector field for images.
+
+The layers follow the contract of :mod:`cnf.layers` on image tensors: a prunable
+data kernel ``weight`` of shape ``(out, in, k, k)`` with a ``weight_mask`` buffer
+from construction, small time-conditioning parameters beside it, and
+``forward(t, x, v, weight) -> (y, J v)`` with ``x`` of shape ``(B, in, H, W)``
+and tangents ``v`` of shape ``(B, K, in, H, W)``. A convolution is linear in its
+input, so ``J v`` is the same convolution, without bias or time terms, applied to
+every tangent (the ``K`` tangents are folded into the batch).
+
+References: FFJORD, Grathwohl et al. 2019 (``ConcatConv2d`` and the ODE net of
+its multiscale image model: 3x3 convolutions, stride 1, padding 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnf.activations import make_activation
+from cnf.errors import ConfigError
+from cnf.fields import VectorField
+
+
+class TimeConv2d(nn.Module):
+    """Base class of time-conditioned 2-D convolutions (stride 1, "same" padding).
+
+    Subclasses implement ``forward(t, x, v, weight) -> (y, J v)``; ``y`` keeps the
+    spatial size of ``x`` (odd ``kernel_size``, zero padding ``kernel_size // 2``).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3, *, fan_in_extra: int = 0) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be a positive odd number (got {kernel_size})")
+        self.dim_in, self.dim_out = dim_in, dim_out
+        self.padding = kernel_size // 2
+        shape = (dim_out, dim_in, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(dim_out))
+        self.register_buffer("weight_mask", torch.ones(shape))
+        # torch's Conv2d default, with the fan-in of the layer FFJORD builds
+        # (a concat layer convolves one extra input channel holding t).
+        bound = 1.0 / math.sqrt((dim_in + fan_in_extra) * kernel_size**2)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def masked_weight(self) -> Tensor:
+        return self.weight * self.weight_mask
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(x, weight, bias, padding=self.padding)
+
+    def _tangents(self, v: Tensor | None, weight: Tensor) -> Tensor | None:
+        """``W * v`` for tangents of shape ``(B, K, in, H, W)`` -> ``(B, K, out, H, W)``."""
+        if v is None:
+            return None
+        b, k = v.shape[:2]
+        return self._conv(v.flatten(0, 1), weight).unflatten(0, (b, k))
+
+
+class ConcatConv2d(TimeConv2d):
+    """``y = W * x + K_t * (t 1) + b``: a convolution of ``[t 1, x]`` (FFJORD's
+    ``ConcatConv2d``) with the time channel's kernel ``K_t`` kept as its own
+    parameter ``time_weight`` of shape ``(out, 1, k, k)``, so that only the data
+    kernel is prunable. ``K_t * 1`` is not constant near the border (zero
+    padding), exactly as in FFJORD."""
+
+    def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3) -> None:
+        super().__init__(dim_in, dim_out, kernel_size, fan_in_extra=1)
+        self.time_weight = nn.Parameter(torch.empty(dim_out, 1, kernel_size, kernel_size))
+        bound = 1.0 / math.sqrt((dim_in + 1) * kernel_size**2)
+        nn.init.uniform_(self.time_weight, -bound, bound)
+
+    def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        ones = x.new_ones(1, 1, *x.shape[2:])
+        y = self._conv(x, weight, self.bias) + t * self._conv(ones, self.time_weight)
+        return y, self._tangents(v, weight)
+
+
+class ConcatSquashConv2d(TimeConv2d):
+    """``y = (W * x + b) ⊙ σ(a t + c) + d t`` with per-channel ``a, c, d``: the
+    concatsquash layer of :mod:`cnf.layers` as a convolution."""
+
+    def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3) -> None:
+        super().__init__(dim_in, dim_out, kernel_size)
+        self.gate_weight = nn.Parameter(torch.empty(dim_out))
+        self.gate_bias = nn.Parameter(torch.empty(dim_out))
+        self.time_bias = nn.Parameter(torch.empty(dim_out))
+        for p in (self.gate_weight, self.gate_bias, self.time_bias):
+            nn.init.uniform_(p, -1.0, 1.0)
+
+    def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        gate = torch.sigmoid(t * self.gate_weight + self.gate_bias).view(-1, 1, 1)
+        y = self._conv(x, weight, self.bias) * gate + (t * self.time_bias).view(-1, 1, 1)
+        jv = self._tangents(v, weight)
+        return y, (None if jv is None else jv * gate)
+
+
+CONV_LAYERS: dict[str, type[TimeConv2d]] = {
+    "concat": ConcatConv2d,
+    "concatsquash": ConcatSquashConv2d,
+}
+
+
+class ConvField(VectorField):
+    """FFJORD's convolutional ODE net on images of shape ``event_shape = (C, H, W)``.
+
+    ``C -> hidden_channels[0] -> ... -> hidden_channels[-1] -> C`` with
+    time-conditioned ``kernel_size`` convolutions (stride 1, size-preserving) and
+    a nonlinearity after every layer but the last. FFJORD's MNIST model uses
+    ``hidden_channels = (64, 64, 64)``, ``concat`` layers and softplus.
+
+    References: FFJORD, Grathwohl et al. 2019.
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        hidden_channels: Sequence[int],
+        *,
+        layer_type: str = "concat",
+        nonlinearity: str = "softplus",
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(event_shape) != 3:
+            raise ConfigError(f"ConvField needs an image shape (C, H, W) (got {tuple(event_shape)})")
+        if layer_type not in CONV_LAYERS:
+            raise ConfigError(f"unknown layer_type {layer_type!r}; valid: {', '.join(sorted(CONV_LAYERS))}")
+        self.event_shape = tuple(event_shape)
+        channels = [event_shape[0], *hidden_channels, event_shape[0]]
+        self.layers = nn.ModuleList(
+            CONV_LAYERS[layer_type](a, b, kernel_size) for a, b in zip(channels[:-1], channels[1:])
+        )
+        self.activations = nn.ModuleList(make_activation(nonlinearity) for _ in hidden_channels)
+        self._weight_names = [f"layers.{i}.weight" for i in range(len(self.layers))]
+
+    def forward(
+        self,
+        t: Tensor,
+        z: Tensor,
+        tangents: Tensor | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``f(t, z)`` of shape ``(B, C, H, W)`` and ``J·tangents`` of shape ``(B, K, C, H, W)``."""
+        if weights is None:
+            weights = self.masked_weights()
+        h, v = z, tangents
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, v = layer(t, h, v, weights[self._weight_names[i]])
+            if i < last:
+                h, slope = self.activations[i](h)
+                if v is not None:
+                    v = v * slope.unsqueeze(1)
+        return h, v

@@ -1,0 +1,142 @@
+"""Data-parallel training helpers for ``torchrun`` (one process per device).
+
+Every rank draws the same global batch from the same seeded data stream and
+trains on its own contiguous shard of it, so ``R`` ranks with per-rank batch
+``B/R`` see exactly the batches one process would see with batch ``B``. Rank 0
+alone writes checkpoints, TensorBoard events and figures; scalars are averaged
+over ranks before logging (ranks may take different numbers of adaptive steps).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cnf.errors import ConfigError
+from cnf.flow import Flow, FlowTrace
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str) -> Context:
+    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1):
+    NCCL on GPUs, Gloo on CPUs. ``device_name`` is ``train.device`` (auto, cpu, cuda)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no GPU is available; use --set train.device=cpu")
+    if world == 1:
+        if device_name == "auto":
+            return Context(device=torch.device("cuda" if use_cuda else "cpu"))
+        try:
+            return Context(device=torch.device(device_name))
+        except RuntimeError:
+            raise ConfigError(f"train.device {device_name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _Traced(nn.Module):
+    """``forward(x) = flow.trace(x)``, so DistributedDataParallel can wrap the call
+    that training makes (DDP hooks the module's ``forward``)."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> FlowTrace:
+        return self.flow.trace(x)
+
+
+def wrap(flow: Flow, ctx: Context) -> Callable[[Tensor], FlowTrace]:
+    """The training call ``x -> flow.trace(x)``: under ``torchrun`` through
+    DistributedDataParallel (gradients averaged over ranks in ``backward``)."""
+    if not ctx.distributed:
+        return flow.trace
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(_Traced(flow), device_ids=device_ids)
+
+
+def shard(batch: Tensor, ctx: Context) -> Tensor:
+    """This rank's contiguous slice of a global batch (whose size ``R`` divides)."""
+    if not ctx.distributed:
+        return batch
+    size = batch.shape[0] // ctx.world_size
+    return batch[ctx.rank * size : (ctx.rank + 1) * size]
+
+
+def check_batch_size(batch_size: int, ctx: Context) -> None:
+    if batch_size % ctx.world_size:
+        raise ConfigError(
+            f"train.batch_size {batch_size} must be divisible by the number of processes "
+            f"({ctx.world_size}): it is the global batch, split evenly across ranks"
+        )
+
+
+def mean_over_ranks(values: Sequence[float], ctx: Context) -> list[float]:
+    """Average a few scalars over all ranks (identity in a single process)."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return (t / ctx.world_size).tolist()
+
+
+def any_rank(flag: bool, ctx: Context) -> bool:
+    """True on every rank if ``flag`` is true on any rank (for stop requests)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj: object, ctx: Context) -> list[object]:
+    """Every rank's ``obj`` (for example RNG states), on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[object] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, ctx: Context) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

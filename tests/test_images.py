@@ -1,0 +1,320 @@
+"""Image flows: conv fields, squeeze, multiscale flow, logit transform, bits/dim, scripts."""
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import sample
+import train
+from cnf.config import load_config
+from cnf.conv import ConcatConv2d, ConvField
+from cnf.data import make_data
+from cnf.divergence import Exact
+from cnf.errors import ConfigError, DataError
+from cnf.evaluate import evaluate
+from cnf.flow import standard_normal_log_prob
+from cnf.images import ImageData, bits_per_dim, load_mnist, logit_inverse, logit_transform
+from cnf.model import build_flow
+from cnf.multiscale import default_scales, scale_shapes, squeeze, unsqueeze
+from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top
+from pruning.scores import SCORERS
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPHA = 1e-6
+
+
+def image_config(*overrides: str):
+    base = [
+        "model.layer_type=concat", "model.nonlinearity=softplus", "model.hidden_dims=[6]",
+        "model.num_blocks=1", "model.end_time=0.5", "model.train_end_time=false",
+        "model.divergence=exact", "solver.rtol=1e-8", "solver.atol=1e-8", "solver.adjoint=false",
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+# --- squeeze and the multiscale layout ------------------------------------------
+
+
+def test_squeeze_and_unsqueeze_are_exact_inverses():
+    x = torch.randn(2, 3, 8, 6)
+    s = squeeze(x)
+    assert s.shape == (2, 12, 4, 3)
+    assert torch.equal(unsqueeze(s), x)
+    assert torch.equal(squeeze(unsqueeze(s)), s)
+    # a permutation: every 2x2 patch lands in the channels of one position
+    for i, j in ((0, 0), (3, 2), (1, 1)):
+        patch = x[:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].flatten(1)
+        assert torch.equal(patch.sort(1).values, s[:, :, i, j].sort(1).values)
+
+
+def test_scale_shapes_follow_ffjord():
+    assert default_scales((1, 28, 28)) == 3
+    assert scale_shapes((1, 28, 28), 3) == [
+        ((1, 28, 28), (4, 14, 14)), ((2, 14, 14), (8, 7, 7)), ((4, 7, 7), None),
+    ]
+    with pytest.raises(ConfigError, match="odd side"):
+        scale_shapes((1, 28, 28), 4)
+
+
+# --- conv layers and field -------------------------------------------------------
+
+
+def test_concat_conv_equals_a_conv_over_a_time_channel(float64):
+    torch.manual_seed(0)
+    layer = ConcatConv2d(3, 4)
+    x, t = torch.randn(2, 3, 5, 6), torch.tensor(0.7)
+    y, _ = layer(t, x, None, layer.weight)
+    tx = torch.cat([torch.full((2, 1, 5, 6), 0.7), x], 1)
+    expected = F.conv2d(tx, torch.cat([layer.time_weight, layer.weight], 1), layer.bias, padding=1)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
+@pytest.mark.parametrize("nonlinearity", ["softplus", "tanh", "swish"])
+def test_conv_field_jacobian_and_divergence_match_autograd(layer_type, nonlinearity, float64):
+    torch.manual_seed(0)
+    field = ConvField((2, 3, 3), [4, 5], layer_type=layer_type, nonlinearity=nonlinearity)
+    z, t = torch.randn(3, 2, 3, 3), torch.tensor(0.37)
+    est = Exact()
+    v = est.tangents(z)
+    f, jv = field(t, z, v)
+    div, fro_sq = est.reduce(v, jv)
+    torch.testing.assert_close(f, field(t, z)[0])
+    for i in range(len(z)):
+        jac = torch.autograd.functional.jacobian(lambda y: field(t, y[None])[0][0], z[i]).reshape(18, 18)
+        torch.testing.assert_close(jv[i].reshape(18, 18).T, jac)  # row k of jv is J e_k
+        torch.testing.assert_close(div[i], jac.trace())
+        torch.testing.assert_close(fro_sq[i], jac.pow(2).sum())
+
+
+# --- the multiscale flow ---------------------------------------------------------
+
+
+def test_multiscale_logdet_equals_slogdet_of_the_autograd_jacobian(float64):
+    torch.manual_seed(0)
+    flow = build_flow(image_config("model.scales=2"), (1, 4, 4))
+    assert [b.field.event_shape for b in flow.blocks] == [(1, 4, 4), (4, 2, 2), (2, 2, 2)]
+    x = torch.randn(1, 1, 4, 4)
+    trace = flow.trace(x)
+    assert trace.out.shape == x.shape and len(trace.counters) == 3
+    jac = torch.autograd.functional.jacobian(lambda y: flow.trace(y.view(1, 1, 4, 4)).out.flatten(), x.flatten())
+    torch.testing.assert_close(trace.logabsdet[0], torch.linalg.slogdet(jac)[1], rtol=1e-6, atol=1e-6)
+
+
+def test_multiscale_sample_then_log_prob_round_trip(float64):
+    torch.manual_seed(1)
+    flow = build_flow(image_config("model.scales=3"), (1, 8, 8))
+    assert len(flow.blocks) == 5
+    z = flow.base_noise(3)
+    x, logdet_inverse = flow.inverse(z)
+    z_back, logdet = flow(x)
+    torch.testing.assert_close(z_back, z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logdet, -logdet_inverse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(flow.log_prob(x), standard_normal_log_prob(z) - logdet_inverse, rtol=1e-6, atol=1e-6)
+
+
+# --- logit transform and bits per dimension --------------------------------------
+
+
+def test_logit_logdet_equals_autograd(float64):
+    y = torch.rand(3, 1, 2, 3)
+    x, logdet = logit_transform(y, ALPHA)
+    for i in range(len(y)):
+        jac = torch.autograd.functional.jacobian(lambda v: logit_transform(v, ALPHA)[0], y[i]).reshape(6, 6)
+        torch.testing.assert_close(logdet[i], torch.linalg.slogdet(jac)[1])
+    torch.testing.assert_close(logit_inverse(x, ALPHA), y)
+
+
+def zero_image_flow(event_shape):
+    """A multiscale flow whose fields are identically zero: the identity map."""
+    flow = build_flow(image_config("model.divergence=hutchinson"), event_shape)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.zero_()
+    return flow
+
+
+def test_bits_per_dim_of_the_identity_flow_is_closed_form(float64):
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (5, 1, 8, 8), generator=g, dtype=torch.uint8)
+    data = ImageData(pixels, pixels, pixels, seed=0, alpha=ALPHA)
+    result = evaluate(zero_image_flow((1, 8, 8)), pixels, batch_size=3, preprocess=data.preprocess)
+    # evaluate's dequantization noise: a generator seeded with 0, batch by batch
+    g0 = torch.Generator().manual_seed(0)
+    u = torch.cat([torch.rand((len(b), 1, 8, 8), generator=g0) for b in pixels.split(3)])
+    s = ALPHA + (1 - 2 * ALPHA) * (pixels + u) / 256
+    log_py = torch.distributions.Normal(0.0, 1.0).log_prob(torch.logit(s)) + math.log(1 - 2 * ALPHA) - torch.log(s * (1 - s))
+    expected = ((-log_py.flatten(1).sum(1) + 64 * math.log(256)) / (64 * math.log(2))).mean()
+    assert data.metrics(result.nll)["bits_per_dim"] == pytest.approx(expected.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 128, 200, 255])
+def test_bits_per_dim_bound_the_discrete_code_length(k, float64):
+    """For one pixel with a standard normal in logit space, the expected bits/dim
+    over the dequantization noise bound -log2 P(k), P(k) the probability of the bin,
+    and nearly reach it where the density is nearly flat across the bin (mid-grey;
+    near 0 and 255 the logit's density changes by orders of magnitude in a bin)."""
+    u = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000  # midpoint rule over u
+    x, logdet = logit_transform(((k + u) / 256).view(-1, 1), ALPHA)
+    nll = -(torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(1) + logdet)
+    expected_bpd = bits_per_dim(nll, 1).mean()
+    edges = torch.logit(ALPHA + (1 - 2 * ALPHA) * torch.tensor([k, k + 1], dtype=torch.float64) / 256)
+    code_length = -torch.log2(torch.special.ndtr(edges[1]) - torch.special.ndtr(edges[0]))
+    assert expected_bpd >= code_length - 1e-9
+    if 32 <= k <= 224:
+        assert expected_bpd - code_length < 1e-4
+
+
+# --- pruning on conv weights -----------------------------------------------------
+
+
+def test_masks_on_conv_weights_stay_zero_and_reload():
+    torch.manual_seed(0)
+    config = image_config("model.divergence=hutchinson", "solver.method=rk4", "solver.step_size=0.5")
+    flow = build_flow(config, (1, 8, 8))
+    weights = prunable_weights(flow)
+    assert "blocks.0.field.layers.0.weight" in weights and weights["blocks.0.field.layers.0.weight"].dim() == 4
+    scores = {n: torch.rand_like(p) for n, p in weights.items()}
+    apply_masks(flow, select_top(scores, 0.6))
+    total = sum(p.numel() for p in weights.values())
+    kept = sum(int(mask_buffer(flow, n).sum()) for n in weights)
+    assert kept == round(0.4 * total)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2, weight_decay=1e-4)
+    x = torch.randn(4, 1, 8, 8)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (-flow.log_prob(x).mean()).backward()
+        optimizer.step()
+    for name, p in weights.items():
+        assert (p[mask_buffer(flow, name) == 0] == 0).all(), name
+    fresh = build_flow(config, (1, 8, 8))
+    fresh.load_state_dict(flow.state_dict(), strict=True)
+    log_probs = []
+    for model in (fresh, flow):
+        torch.manual_seed(2)  # the same Hutchinson probes
+        log_probs.append(model.log_prob(x))
+    torch.testing.assert_close(*log_probs)
+
+
+# --- data --------------------------------------------------------------------------
+
+
+def test_synthetic_images_and_preprocess():
+    config = load_config(None, ["data.name=synthetic8", "data.val_size=100", "data.test_size=50", "data.subset=300"])
+    data = make_data(config.data, seed=0)
+    assert data.event_shape == (1, 8, 8) and data.kind == "image"
+    assert (len(data.train), len(data.val), len(data.test)) == (300, 100, 50)
+    assert data.train.dtype == torch.uint8
+    x, logdet = data.preprocess(data.train_batch(32))
+    y = logit_inverse(x, config.data.logit_alpha)
+    assert x.shape == (32, 1, 8, 8) and logdet.shape == (32,)
+    assert (y >= 0).all() and (y < 1).all()
+
+
+def test_missing_mnist_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(DataError, match=r"MNIST/raw.*data\.download=true"):
+        load_mnist(tmp_path / "nowhere", download=False)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
+def test_mnist_smoke_reads_the_real_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(f, raw)
+    config = load_config(None, ["data.name=mnist", f"data.root={tmp_path}", "data.val_size=1000", "data.test_size=10000"])
+    data = make_data(config.data, seed=0)
+    assert data.event_shape == (1, 28, 28)
+    assert (len(data.train), len(data.val), len(data.test)) == (59000, 1000, 10000)
+    assert data.train.dtype == torch.uint8 and int(data.train.max()) == 255 and int(data.train.min()) == 0
+    # MNIST is mostly background: about 19% of training pixels are nonzero
+    assert 0.15 < (data.train[:1000] > 0).float().mean() < 0.25
+
+
+# --- scripts -----------------------------------------------------------------------
+
+SMOKE = {
+    "seed": 0,
+    "data": {"name": "synthetic8", "val_size": 32, "test_size": 32},
+    "model": {"hidden_dims": [8], "layer_type": "concat", "nonlinearity": "softplus", "num_blocks": 1,
+              "end_time": 1.0, "divergence": "hutchinson", "noise": "rademacher"},
+    "solver": {"method": "rk4", "step_size": 0.5, "adjoint": False},
+    "train": {"iterations": 3, "batch_size": 16, "val_every": 2, "val_batch_size": 32,
+              "checkpoint_every": 2, "log_every": 1},
+}
+
+
+def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(SMOKE))
+    run = tmp_path / "run"
+    assert train.main([str(path), "--out", str(run)]) == 0
+    assert "bits_per_dim" in capsys.readouterr().out
+    events = EventAccumulator(str(run)).Reload()
+    for tag in ("train/bits_per_dim", "val/bits_per_dim", "val/nll", "nfe/forward", "nfe/backward",
+                "jacobian/cumulative_norm", "test/bits_per_dim"):
+        assert tag in events.Tags()["scalars"], tag
+    assert "flow/samples" in events.Tags()["images"]
+    bpd = events.Scalars("val/bits_per_dim")[-1].value
+    nll = events.Scalars("val/nll")[-1].value
+    assert bpd == pytest.approx((nll + 64 * math.log(256)) / (64 * math.log(2)), rel=1e-5)
+
+    png = tmp_path / "samples.png"
+    assert sample.main([str(run / "best.pt"), "--out", str(png), "--n", "9", "--temperature", "0.7"]) == 0
+    out = capsys.readouterr().out
+    assert "s per image" in out and "NFE" in out
+    from PIL import Image
+
+    assert Image.open(png).size == (3 * 10 + 2, 3 * 10 + 2)  # 3x3 grid of 8x8, padding 2
+    npy = tmp_path / "samples.npy"
+    assert sample.main([str(run / "best.pt"), "--out", str(npy), "--n", "4"]) == 0
+    import numpy as np
+
+    pixels = np.load(npy)
+    assert pixels.shape == (4, 1, 8, 8) and pixels.min() >= 0 and pixels.max() <= 1
+
+
+@pytest.mark.parametrize("method", sorted(SCORERS))
+def test_every_pruning_method_prunes_conv_weights(method):
+    from pruning.apply import prune_at_init
+
+    config = load_config(None, [
+        "data.name=synthetic8", "data.val_size=16", "data.test_size=16", "model.layer_type=concat",
+        "model.nonlinearity=softplus", "model.hidden_dims=[4]", "model.num_blocks=1", "model.end_time=0.5",
+        "model.divergence=hutchinson", "model.noise=rademacher", "solver.method=rk4", "solver.step_size=0.5",
+        "solver.adjoint=false", "train.batch_size=8", f"pruning.method={method}", "pruning.sparsity=0.7",
+        "pruning.synflow_iterations=5",
+    ])
+    torch.manual_seed(0)
+    data = make_data(config.data, config.seed)
+    flow = build_flow(config, data.event_shape)
+    before = torch.get_rng_state()
+    prune_at_init(flow, data, config, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)  # the training stream is untouched
+    weights = prunable_weights(flow)
+    kept = sum(int(mask_buffer(flow, n).sum()) for n in weights)
+    assert kept == round(0.3 * sum(p.numel() for p in weights.values()))
+    for name, p in weights.items():
+        assert (p[mask_buffer(flow, name) == 0] == 0).all(), name
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_mnist_configs_build_ffjords_multiscale_model():
+    from pruning.compare import load_comparison
+
+    ffjord = build_flow(load_config(CONFIGS / "mnist.yaml"), (1, 28, 28))
+    assert len(ffjord.blocks) == 10  # 2 + 2 per squeezed scale, 2 on the last
+    assert [b.field.event_shape for b in ffjord.blocks[::2]] == [(1, 28, 28), (4, 14, 14), (2, 14, 14), (8, 7, 7), (4, 7, 7)]
+    assert [tuple(layer.weight.shape[:2]) for layer in ffjord.blocks[0].field.layers] == [(64, 1), (64, 64), (64, 64), (1, 64)]
+    assert len(build_flow(load_config(CONFIGS / "mnist_cpu.yaml"), (1, 28, 28)).blocks) == 5
+    runs = load_comparison(CONFIGS / "compare_mnist.yaml").runs
+    assert {r.label for r in runs} == {"random", "jacobian_spectrum"}
