@@ -122,12 +122,13 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint does not match the model: {str(exc).splitlines()[0]}") from None
         data.load_state_dict(saved["data"])
-        if len(saved["rng"]) != ctx.world_size:
+        rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older single-process format
+        if len(rng) != ctx.world_size:
             raise CheckpointError(
-                f"--resume: the checkpoint was written by {len(saved['rng'])} process(es), "
+                f"--resume: the checkpoint was written by {len(rng)} process(es), "
                 f"this run has {ctx.world_size}; resume with the same number of processes"
             )
-        set_rng_state(saved["rng"][ctx.rank])
+        set_rng_state(rng[ctx.rank])
         step, best_val, skipped = saved["step"], saved["best_val"], saved["skipped_steps"]
         stale = saved["stale_validations"]
 

@@ -16,3 +16,13 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test on one torch thread: the suite's small solves run many times faster
+    than with two threads contending for two cores (as on CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
