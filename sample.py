@@ -1,6 +1,6 @@
 """Draw samples from a trained flow.
 
-    python sample.py CHECKPOINT --out PATH [--n N] [--temperature T] [--seed S]
+    python sample.py CHECKPOINT --out PATH [--n N] [--temperature T] [--seed S] [--compact]
 
 PATH ending in ``.npy`` or ``.pt`` gets the raw samples; ``.png`` gets a figure
 (2-D data: model density and samples; images: a grid of the samples). Samples of
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the base noise (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--compact", action="store_true",
+                   help="remove pruned units first (pruning.granularity=unit): same samples, smaller model")
     return p.parse_args(argv)
 
 
@@ -74,6 +76,10 @@ def sample(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     model = load_model(args.checkpoint, device)
+    if args.compact:
+        from pruning.compact import compact
+
+        model = compact(model, from_dict(load_checkpoint(args.checkpoint)["config"]))[0]
     torch.manual_seed(args.seed)
 
     chunks, nfe, start = [], 0, time.perf_counter()

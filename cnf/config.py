@@ -71,8 +71,14 @@ class ModelConfig:
     noise: str = "gaussian"
     scales: int | None = None
     kernel_size: int = 3
+    # Per-block widths written by pruning.compact (null: every block uses hidden_dims).
+    block_hidden_dims: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
+        _check(self.block_hidden_dims is None or all(
+                   len(dims) == len(self.hidden_dims) and all(h > 0 for h in dims) for dims in self.block_hidden_dims),
+               "model.block_hidden_dims must be null or, per block, as many positive widths as model.hidden_dims "
+               f"(got {self.block_hidden_dims})")
         _check(self.scales is None or self.scales > 0, f"model.scales must be positive or null (got {self.scales})")
         _check(self.kernel_size > 0 and self.kernel_size % 2 == 1,
                f"model.kernel_size must be a positive odd number (got {self.kernel_size})")
@@ -169,7 +175,8 @@ class PruningConfig:
     ``pruning/scores.py``), target ``sparsity`` in [0, 1), ``scope`` global or
     layer, ``batches`` scoring batches, ``layers`` fnmatch patterns of prunable
     weights, ``synflow_iterations`` SynFlow's pruning rounds, ``snip_mix`` the SNIP
-    share of ``jacobian_spectrum_snip``."""
+    share of ``jacobian_spectrum_snip``, ``granularity`` weight (unstructured) or
+    unit (whole hidden units/channels, see ``pruning/structured.py``)."""
 
     method: str = "none"
     sparsity: float = 0.0
@@ -178,8 +185,11 @@ class PruningConfig:
     layers: list[str] = field(default_factory=lambda: ["*"])
     synflow_iterations: int = 100
     snip_mix: float = 0.5
+    granularity: str = "weight"
 
     def __post_init__(self) -> None:
+        _check(self.granularity in ("weight", "unit"),
+               f"pruning.granularity must be 'weight' or 'unit' (got {self.granularity!r})")
         _check(0.0 <= self.sparsity < 1.0, f"pruning.sparsity must be in [0, 1) (got {self.sparsity})")
         _check(self.scope in ("global", "layer"), f"pruning.scope must be 'global' or 'layer' (got {self.scope!r})")
         _check(self.batches > 0, f"pruning.batches must be positive (got {self.batches})")

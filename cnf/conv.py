@@ -15,7 +15,7 @@ its multiscale image model: 3x3 convolutions, stride 1, padding 1).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from cnf.activations import make_activation
 from cnf.errors import ConfigError
-from cnf.fields import VectorField
+from cnf.fields import LayeredField
 
 
 class TimeConv2d(nn.Module):
@@ -107,7 +107,7 @@ CONV_LAYERS: dict[str, type[TimeConv2d]] = {
 }
 
 
-class ConvField(VectorField):
+class ConvField(LayeredField):
     """FFJORD's convolutional ODE net on images of shape ``event_shape = (C, H, W)``.
 
     ``C -> hidden_channels[0] -> ... -> hidden_channels[-1] -> C`` with
@@ -138,24 +138,3 @@ class ConvField(VectorField):
             CONV_LAYERS[layer_type](a, b, kernel_size) for a, b in zip(channels[:-1], channels[1:])
         )
         self.activations = nn.ModuleList(make_activation(nonlinearity) for _ in hidden_channels)
-        self._weight_names = [f"layers.{i}.weight" for i in range(len(self.layers))]
-
-    def forward(
-        self,
-        t: Tensor,
-        z: Tensor,
-        tangents: Tensor | None = None,
-        weights: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``f(t, z)`` of shape ``(B, C, H, W)`` and ``J·tangents`` of shape ``(B, K, C, H, W)``."""
-        if weights is None:
-            weights = self.masked_weights()
-        h, v = z, tangents
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h, v = layer(t, h, v, weights[self._weight_names[i]])
-            if i < last:
-                h, slope = self.activations[i](h)
-                if v is not None:
-                    v = v * slope.unsqueeze(1)
-        return h, v

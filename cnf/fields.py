@@ -49,7 +49,39 @@ class VectorField(nn.Module):
         }
 
 
-class MLPField(VectorField):
+class LayeredField(VectorField):
+    """A chain of time-conditioned layers with a nonlinearity between them.
+
+    Subclasses build ``self.layers`` (each ``layer(t, x, v, weight) -> (y, J·v)``)
+    and ``self.activations`` (one per hidden layer); the forward pass and the
+    chain rule for ``J·v`` are shared: ``J_l v = σ'(h_l) ⊙ (W_l J_{l-1} v)``.
+    """
+
+    layers: nn.ModuleList
+    activations: nn.ModuleList
+
+    def forward(
+        self,
+        t: Tensor,
+        z: Tensor,
+        tangents: Tensor | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``f(t, z)`` of shape ``(B, *event)`` and ``J·tangents`` of shape ``(B, K, *event)``."""
+        if weights is None:
+            weights = self.masked_weights()
+        h, v = z, tangents
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, v = layer(t, h, v, weights[f"layers.{i}.weight"])
+            if i < last:
+                h, slope = self.activations[i](h)
+                if v is not None:
+                    v = v * slope.unsqueeze(1)
+        return h, v
+
+
+class MLPField(LayeredField):
     """FFJORD's MLP vector field on flat data of dimension ``dim``.
 
     ``dim -> hidden_dims[0] -> ... -> hidden_dims[-1] -> dim`` with time-conditioned
@@ -80,24 +112,3 @@ class MLPField(VectorField):
         self.activations = nn.ModuleList(
             make_activation(nonlinearity) for _ in hidden_dims
         )
-        self._weight_names = [f"layers.{i}.weight" for i in range(len(self.layers))]
-
-    def forward(
-        self,
-        t: Tensor,
-        z: Tensor,
-        tangents: Tensor | None = None,
-        weights: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``f(t, z)`` of shape ``(B, D)`` and ``J·tangents`` of shape ``(B, K, D)``."""
-        if weights is None:
-            weights = self.masked_weights()
-        h, v = z, tangents
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h, v = layer(t, h, v, weights[self._weight_names[i]])
-            if i < last:
-                h, slope = self.activations[i](h)
-                if v is not None:
-                    v = v * slope.unsqueeze(1)
-        return h, v

@@ -40,15 +40,19 @@ def make_solvers(config: Config) -> tuple[Solver, Solver]:
     return train, test
 
 
-def make_field(config: Config, event_shape: Sequence[int]) -> VectorField:
+def make_field(
+    config: Config, event_shape: Sequence[int], hidden_dims: Sequence[int] | None = None
+) -> VectorField:
+    """The field of one block; ``hidden_dims`` overrides ``config.model.hidden_dims``."""
     m = config.model
+    widths = m.hidden_dims if hidden_dims is None else hidden_dims
     if len(event_shape) == 1:
         return MLPField(
-            event_shape[0], m.hidden_dims, layer_type=m.layer_type, nonlinearity=m.nonlinearity
+            event_shape[0], widths, layer_type=m.layer_type, nonlinearity=m.nonlinearity
         )
     if len(event_shape) == 3:
         return ConvField(
-            event_shape, m.hidden_dims, layer_type=m.layer_type, nonlinearity=m.nonlinearity,
+            event_shape, widths, layer_type=m.layer_type, nonlinearity=m.nonlinearity,
             kernel_size=m.kernel_size,
         )
     raise ConfigError(f"no vector field for data of shape {tuple(event_shape)}")
@@ -67,8 +71,11 @@ def build_flow(
     divergence = make_divergence(m.divergence, m.noise)
     test_divergence = make_divergence(m.test_divergence, m.noise) if m.test_divergence else None
 
+    # Per-block widths (compacted models) are consumed in ``flow.blocks`` order.
+    block_widths = iter(m.block_hidden_dims or [])
+
     def make_blocks(shape: Sequence[int]) -> list[CNFBlock]:
-        return [make_block(make_field(config, shape)) for _ in range(m.num_blocks)]
+        return [make_block(make_field(config, shape, next(block_widths, None))) for _ in range(m.num_blocks)]
 
     def make_block(field: VectorField) -> CNFBlock:
         return CNFBlock(
@@ -87,5 +94,12 @@ def build_flow(
     if len(event_shape) == 3:
         shapes = scale_shapes(event_shape, m.scales or default_scales(event_shape))
         scales = [(make_blocks(before), make_blocks(after) if after else []) for before, after in shapes]
-        return MultiscaleFlow(scales, event_shape)
-    return Flow(make_blocks(event_shape), event_shape)
+        flow: Flow = MultiscaleFlow(scales, event_shape)
+    else:
+        flow = Flow(make_blocks(event_shape), event_shape)
+    if m.block_hidden_dims is not None and len(m.block_hidden_dims) != len(flow.blocks):
+        raise ConfigError(
+            f"model.block_hidden_dims lists {len(m.block_hidden_dims)} blocks but the flow has "
+            f"{len(flow.blocks)}; set it to null or give one list of widths per block"
+        )
+    return flow

@@ -20,6 +20,7 @@ from cnf.data import DataSource
 from cnf.flow import Flow
 from pruning.masks import apply_masks, prunable_weights, select_top, sparsity_table
 from pruning.scores import get_scorer
+from pruning.structured import select_units
 
 # Spawn key that separates the scoring stream from the data source's own streams.
 _SCORING_STREAM = 0x5C0E
@@ -61,5 +62,9 @@ def prune_at_init(model: Flow, data: DataSource, config: Config, device: torch.d
     batches = [x.to(device=device, dtype=dtype) for x in scoring_batches(data, config)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         scores = scorer(model, batches, config)
-    apply_masks(model, select_top(scores, p.sparsity, p.scope))
+    if p.granularity == "unit":
+        apply_masks(model, select_units(model, scores, p.sparsity, p.scope))
+        header = f"{header}, whole units"
+    else:
+        apply_masks(model, select_top(scores, p.sparsity, p.scope))
     return f"{header}, scored on {len(batches)} batch(es) of {config.train.batch_size}\n{sparsity_table(model)}"

@@ -479,17 +479,19 @@ def compare(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    if comparison.threads is not None:
-        torch.set_num_threads(comparison.threads)
-
-    for i, run in enumerate(comparison.runs, 1):
-        log(f"[{i}/{len(comparison.runs)}] {run.name}")
-        code = train_run(comparison, run, out, log)
-        if code > 128:  # stopped by a signal: the checkpoint is written, rerun to resume
-            log(f"stopped; rerun the same command to resume from {run.name}")
-            return code
-        if code != 0:
-            log(f"{run.name} failed with exit code {code}; it is reported as failed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(comparison.threads or threads)
+    try:
+        for i, run in enumerate(comparison.runs, 1):
+            log(f"[{i}/{len(comparison.runs)}] {run.name}")
+            code = train_run(comparison, run, out, log)
+            if code > 128:  # stopped by a signal: the checkpoint is written, rerun to resume
+                log(f"stopped; rerun the same command to resume from {run.name}")
+                return code
+            if code != 0:
+                log(f"{run.name} failed with exit code {code}; it is reported as failed")
+    finally:
+        torch.set_num_threads(threads)
 
     results = [read_run(run, out) for run in comparison.runs]
     rows = summarize(results)

@@ -5,9 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cnf.checkpoint import load_checkpoint
