@@ -21,7 +21,7 @@ data:
 
 # The main job on the embedded default: FFJORD's toy configuration on checkerboard, shortened.
 demo: setup
-	$(PY) train.py configs/toy.yaml --out runs/demo --set train.iterations=1000 \
+	OMP_NUM_THREADS=1 $(PY) train.py configs/toy.yaml --out runs/demo --set train.iterations=1000 \
 		$(if $(wildcard runs/demo/checkpoint.pt),--resume)
 	$(PY) sample.py runs/demo/best.pt --out runs/demo/samples.png --n 5000
 
