@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from build import build_model
-from cnf.checkpoint import load_checkpoint
-from cnf.config import from_dict
-from cnf.errors import CheckpointError, ConfigError, UserError
+from build import load_model
+from cnf.errors import ConfigError, UserError
 from cnf.flow import Flow
 from cnf.images import logit_inverse
 
@@ -42,18 +40,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compact", action="store_true",
                    help="remove pruned units first (pruning.granularity=unit): same samples, smaller model")
     return p.parse_args(argv)
-
-
-def load_model(path: str | Path, device: torch.device) -> Flow:
-    """Rebuild the model from the config stored in the checkpoint and load its weights."""
-    ckpt = load_checkpoint(path, map_location=device)
-    try:
-        config = from_dict(ckpt["config"])
-        model = build_model(config, ckpt["event_shape"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, ConfigError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not rebuild a model: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +61,12 @@ def sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    model = load_model(args.checkpoint, device)
+    model, config, _ = load_model(args.checkpoint, map_location=device)
     if args.compact:
         from pruning.compact import compact
 
-        model = compact(model, from_dict(load_checkpoint(args.checkpoint)["config"]))[0]
+        model = compact(model, config)[0]
+    model = model.to(device).eval()
     torch.manual_seed(args.seed)
 
     chunks, nfe, start = [], 0, time.perf_counter()
@@ -93,7 +80,7 @@ def sample(args: argparse.Namespace) -> int:
     samples = torch.cat(chunks)
     image = len(model.event_shape) == 3
     if image:
-        samples = logit_inverse(samples, image_alpha(args.checkpoint)).clamp(0.0, 1.0)
+        samples = logit_inverse(samples, config.data.logit_alpha).clamp(0.0, 1.0)
 
     try:
         if out.suffix == ".npy":
@@ -109,11 +96,6 @@ def sample(args: argparse.Namespace) -> int:
     print(f"wrote {args.n} samples to {out}; NFE {nfe / solves:.0f} per solve "
           f"({solves} solves); {seconds:.2f} s ({per})")
     return 0
-
-
-def image_alpha(path: str | Path) -> float:
-    """The α of the logit transform an image model's checkpoint was trained with."""
-    return from_dict(load_checkpoint(path)["config"]).data.logit_alpha
 
 
 def write_figure(model: Flow, samples: torch.Tensor, out: Path) -> None:

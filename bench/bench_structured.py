@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from cnf.data import make_data  # noqa: E402
 from cnf.evaluate import evaluate  # noqa: E402
 from cnf.flow import Flow  # noqa: E402
-from pruning.compact import compact, field_cost, load_model_and_config  # noqa: E402
+from build import load_model  # noqa: E402
+from pruning.compact import compact, field_cost  # noqa: E402
 
 
 def variants(methods: list[str], sparsities: list[float], scope: str) -> dict[str, list[str]]:
@@ -83,7 +84,7 @@ def sample_seconds(models: list[Flow], z: torch.Tensor, repeats: int) -> list[tu
 
 
 def measure(name: str, checkpoint: Path, args: argparse.Namespace) -> dict[str, str]:
-    model, config, _ = load_model_and_config(checkpoint)
+    model, config, _ = load_model(checkpoint)
     model.eval()
     small, _ = compact(model, config)
     data = make_data(config.data, config.seed)

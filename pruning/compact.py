@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from build import build_model
-from cnf.checkpoint import load_checkpoint, save_checkpoint
-from cnf.config import Config, from_dict, to_dict
-from cnf.errors import CheckpointError, ConfigError, UserError
+from build import build_model, load_model
+from cnf.checkpoint import save_checkpoint
+from cnf.config import Config, to_dict
+from cnf.errors import ConfigError, UserError
 from cnf.flow import Flow
 from pruning.masks import mask_buffer
 from pruning.structured import hidden_layers
@@ -119,27 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model_and_config(path: str | Path) -> tuple[Flow, Config, dict]:
-    """Rebuild the model stored in a checkpoint (on the CPU); also returns its config and payload."""
-    ckpt = load_checkpoint(path)
-    try:
-        config = from_dict(ckpt["config"])
-        model = build_model(config, ckpt["event_shape"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, ConfigError) as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not rebuild a model: {str(exc).splitlines()[0]}"
-        ) from None
-    return model, config, ckpt
-
-
 def run(args: argparse.Namespace) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == source.resolve():
         raise ConfigError("--out must differ from the input checkpoint (the masked model is kept)")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
-    model, config, ckpt = load_model_and_config(source)
+    model, config, ckpt = load_model(source)
     small, smaller = compact(model, config)
     save_checkpoint(
         {

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from build import build_model
-from cnf.checkpoint import load_checkpoint, save_checkpoint
-from cnf.config import from_dict, to_dict
-from cnf.errors import CheckpointError, ConfigError, UserError
+from build import load_model
+from cnf.checkpoint import save_checkpoint
+from cnf.config import to_dict
+from cnf.errors import ConfigError, UserError
 from cnf.flow import Flow
 from pruning.gates import HardConcreteGates
 from pruning.masks import mask_buffer
@@ -69,15 +69,7 @@ def export(args: argparse.Namespace) -> int:
         raise ConfigError("--out must differ from the input checkpoint (the gated model is kept)")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
-    ckpt = load_checkpoint(source)
-    try:
-        config = from_dict(ckpt["config"])
-        model = build_model(config, ckpt["event_shape"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError, ConfigError) as exc:
-        raise CheckpointError(
-            f"checkpoint {str(source)!r} does not rebuild a model: {str(exc).splitlines()[0]}"
-        ) from None
+    model, config, ckpt = load_model(source)
     if not config.regularization.gated:
         raise ConfigError(
             f"checkpoint {str(source)!r} has no gates (regularization.l0 and pathreg are 0); "

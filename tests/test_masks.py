@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import build
 import sample
 import train
 from build import build_model
@@ -136,7 +137,7 @@ def test_train_prunes_and_sample_reloads_the_masks(tmp_path, capsys):
     assert "pruning at initialization: jacobian_spectrum" in capsys.readouterr().err
 
     config = load_config(run / "config.yaml")
-    model = sample.load_model(run / "checkpoint.pt", CPU)
+    model = build.load_model(run / "checkpoint.pt", CPU)[0].eval()
     sparsity = sparsity_scalars(model)
     assert sparsity["sparsity/weights"] == pytest.approx(0.75 * (256 + 32) / (32 + 256 + 32), abs=1e-3)
     assert sparsity["sparsity/layer/blocks.0.field.layers.0.weight"] == 0.0  # not in pruning.layers
