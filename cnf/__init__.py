@@ -2,14 +2,16 @@
 Jacobian norm. The public surface is re-exported here; see the README."""
 
 from cnf.config import Config, load_config
+from cnf.conv import ConvField
 from cnf.divergence import Exact, Hutchinson
 from cnf.fields import MLPField, VectorField
 from cnf.flow import Flow, FlowTrace
 from cnf.model import build_flow
+from cnf.multiscale import MultiscaleFlow
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 
 __all__ = [
-    "CNFBlock", "Config", "Exact", "Flow", "FlowTrace", "Hutchinson", "MLPField",
-    "Solver", "VectorField", "build_flow", "load_config",
+    "CNFBlock", "Config", "ConvField", "Exact", "Flow", "FlowTrace", "Hutchinson", "MLPField",
+    "MultiscaleFlow", "Solver", "VectorField", "build_flow", "load_config",
 ]
