@@ -71,7 +71,8 @@ class ModelConfig:
     noise: str = "gaussian"
     scales: int | None = None
     kernel_size: int = 3
-    # Per-block widths written by pruning.compact (null: every block uses hidden_dims).
+    # Per-block widths, blocks in data-to-latent order (null: every block uses hidden_dims).
+    # pruning.compact writes them; image configs use them to widen the cheap coarse scales.
     block_hidden_dims: list[list[int]] | None = None
 
     def __post_init__(self) -> None:

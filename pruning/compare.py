@@ -18,7 +18,10 @@ The comparison file names a base training config and what to vary::
 ``--set`` adds overrides to every run. Each run trains with ``train.main`` into
 ``OUT/<method>_s<sparsity>_seed<seed>/``, so ``tensorboard --logdir OUT`` overlays
 their curves. A run that finished is skipped and an interrupted one resumed, so
-rerunning the command continues a comparison. At the end OUT holds
+rerunning the command continues a comparison. ``--only PATTERN`` (repeatable,
+shell-style, matched against the run names) trains just those runs, so one
+comparison can be spread over several processes or machines sharing OUT; the
+tables are written once every planned run has finished. At the end OUT holds
 
 * ``results.md``, ``results.csv``: per method and sparsity the final validation
   NLL, test NLL, test cumulative Jacobian norm R and test NFE (test solver),
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import json
 import math
 import re
@@ -452,7 +456,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default: runs/<comparison file name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value in every run (repeatable)")
+    p.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                   help="train only the runs whose name matches this shell-style pattern, for example "
+                        "'random_*' (repeatable; run the other runs in other processes with the same --out)")
     return p.parse_args(argv)
+
+
+def select_runs(comparison: Comparison, patterns: Sequence[str]) -> list[RunSpec]:
+    """The runs whose names match any of ``patterns`` (all runs if there are none)."""
+    if not patterns:
+        return list(comparison.runs)
+    chosen = [r for r in comparison.runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(r.name for r in comparison.runs)
+        raise ConfigError(f"--only {' '.join(patterns)} matches none of the planned runs: {names}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,9 +499,10 @@ def compare(args: argparse.Namespace) -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(comparison.threads or threads)
+    chosen = select_runs(comparison, args.only)
     try:
-        for i, run in enumerate(comparison.runs, 1):
-            log(f"[{i}/{len(comparison.runs)}] {run.name}")
+        for i, run in enumerate(chosen, 1):
+            log(f"[{i}/{len(chosen)}] {run.name}")
             code = train_run(comparison, run, out, log)
             if code > 128:  # stopped by a signal: the checkpoint is written, rerun to resume
                 log(f"stopped; rerun the same command to resume from {run.name}")
@@ -494,6 +513,11 @@ def compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
     results = [read_run(run, out) for run in comparison.runs]
+    waiting = [r.spec.name for r in results if r.status == "missing"]
+    if args.only and waiting:
+        print(f"trained the runs matching --only; still to finish: {', '.join(waiting)}. The tables are written "
+              f"when the command runs after all of them have finished (it skips finished runs)")
+        return 0
     rows = summarize(results)
     write_tables(results, rows, out)
     curve_figure(results, "jacobian/cumulative_norm", "cumulative Jacobian norm R (training batch)",

@@ -81,3 +81,21 @@ def test_finished_run_with_another_config_is_refused(tmp_path):
     out = tmp_path / "out"
     assert compare.main([str(spec), "--out", str(out)]) == 0
     assert compare.main([str(spec), "--out", str(out), "--set", "train.lr=0.01"]) == 2
+
+
+def test_only_trains_the_matching_runs_and_tables_wait_for_the_rest(tmp_path, capsys):
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": TINY}, "methods": ["dense", "random"], "sparsities": [0.5], "threads": 1,
+    })
+    out = tmp_path / "out"
+    assert compare.main([str(spec), "--out", str(out), "--only", "random_*"]) == 0
+    assert (out / "random_s0.5_seed0" / "compare.json").is_file()
+    assert not (out / "dense_s0_seed0").exists() and not (out / "results.md").exists()
+    assert "still to finish: dense_s0_seed0" in capsys.readouterr().out
+
+    assert compare.main([str(spec), "--out", str(out), "--only", "dense_*"]) == 0  # the last one: tables
+    with open(out / "results.csv") as f:
+        assert {r["method"] for r in csv.DictReader(f)} == {"dense", "random"}
+
+    assert compare.main([str(spec), "--out", str(out), "--only", "snip_*"]) == 2  # matches nothing
+    assert "matches none of the planned runs" in capsys.readouterr().err

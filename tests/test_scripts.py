@@ -95,3 +95,15 @@ def test_solver_underflow_is_explained(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 5, err
     assert "block 0" in err and "failed at" in err and "rk4" in err
+
+
+def test_solver_gap_warning_only_for_a_fixed_step_solver_past_the_threshold():
+    from cnf.solver import Solver
+
+    rk4, dopri5 = Solver(method="rk4", step_size=0.5), Solver(method="dopri5")
+    limit = train.GAP_WARNING_NATS_PER_DIM * 784
+    assert train.solver_gap_warning(0.9 * limit, 784, rk4) is None  # ordinary generalization gap
+    assert train.solver_gap_warning(-5 * limit, 784, rk4) is None  # validation better than training
+    assert train.solver_gap_warning(50 * limit, 784, dopri5) is None  # adaptive: error controlled
+    warning = train.solver_gap_warning(1.1 * limit, 784, rk4)
+    assert "0.110 nats/dim" in warning and "rk4 (step_size=0.5)" in warning and "solver.step_size" in warning
