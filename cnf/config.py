@@ -34,7 +34,9 @@ class DataConfig:
     held out from the training split and the test images used; ``download``: let
     torchvision download MNIST if it is missing; ``subset``: use only the first
     ``subset`` training images (null: all); ``logit_alpha``: α of the images'
-    logit transform ``logit(α + (1 - 2α) y)``."""
+    logit transform ``logit(α + (1 - 2α) y)``; ``downsample``: images only, shrink
+    each side by this integer factor (the mean of each block of pixels, rounded
+    back to the 256 levels; 1: full size)."""
 
     name: str = "checkerboard"
     root: str = "data"
@@ -43,9 +45,11 @@ class DataConfig:
     download: bool = False
     subset: int | None = None
     logit_alpha: float = 1e-6
+    downsample: int = 1
 
     def __post_init__(self) -> None:
         _check(self.val_size > 0 and self.test_size > 0, "data.val_size and data.test_size must be positive")
+        _check(self.downsample >= 1, f"data.downsample must be a positive integer (got {self.downsample})")
         _check(self.subset is None or self.subset > 0, f"data.subset must be positive or null (got {self.subset})")
         _check(0 < self.logit_alpha < 0.5, f"data.logit_alpha must be in (0, 0.5) (got {self.logit_alpha})")
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from cnf.config import DataConfig
-from cnf.errors import DataError
+from cnf.errors import ConfigError, DataError
 from cnf.tabular import TABULAR_DATASETS as TABULAR
 from cnf.tabular import load_tabular
 from cnf.toy import TOY_DATASETS, sample_toy
@@ -104,6 +104,8 @@ def dataset_names() -> tuple[str, ...]:
 
 def make_data(cfg: DataConfig, seed: int) -> DataSource:
     """The data source named by ``cfg.name``."""
+    if cfg.downsample != 1 and cfg.name not in IMAGES:
+        raise ConfigError(f"data.downsample applies to images only; {cfg.name!r} is not an image set (use 1)")
     if cfg.name in TOY_DATASETS:
         return ToyData(cfg.name, seed=seed, val_size=cfg.val_size, test_size=cfg.test_size)
     if cfg.name in TABULAR:

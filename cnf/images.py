@@ -151,13 +151,28 @@ def synthetic_images(n: int, rng: np.random.Generator, size: int = SYNTHETIC_SIZ
     return torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)
 
 
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """``uint8`` images ``(N, C, H, W)`` shrunk by ``factor`` per side: each output
+    pixel is the mean of a ``factor x factor`` block, rounded to the nearest level,
+    so the result is again an image of 256 levels (and bits/dim keep their meaning,
+    for the smaller images)."""
+    if factor == 1:
+        return images
+    _, _, h, w = images.shape
+    if h % factor or w % factor:
+        raise DataError(f"data.downsample={factor} does not divide the {h}x{w} images; use a divisor of both sides")
+    means = torch.nn.functional.avg_pool2d(images.double(), factor)
+    return means.round().to(torch.uint8)
+
+
 def load_images(cfg: DataConfig, seed: int) -> ImageData:
     """``mnist`` or ``synthetic8`` as an :class:`ImageData`.
 
     The last ``cfg.val_size`` training images are the validation set, the first
     ``cfg.subset`` of the rest (all if ``None``) the training set, and the first
-    ``cfg.test_size`` test images the test set. ``synthetic8`` is a fixed set of
-    8x8 bar images (:func:`synthetic_images`), the same for every seed.
+    ``cfg.test_size`` test images the test set; all are shrunk by
+    ``cfg.downsample``. ``synthetic8`` is a fixed set of 8x8 bar images
+    (:func:`synthetic_images`), the same for every seed.
     """
     if cfg.name == "mnist":
         train, test = load_mnist(cfg.root, download=cfg.download)
@@ -167,6 +182,7 @@ def load_images(cfg: DataConfig, seed: int) -> ImageData:
         test = synthetic_images(cfg.test_size, rng)
     else:
         raise DataError(f"unknown image dataset {cfg.name!r}; valid: mnist, synthetic8")
+    train, test = downsample(train, cfg.downsample), downsample(test, cfg.downsample)
     if cfg.val_size >= len(train):
         raise DataError(f"data.val_size={cfg.val_size} leaves no training images (there are {len(train)})")
     train, val = train[: -cfg.val_size], train[-cfg.val_size :]

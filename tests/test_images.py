@@ -18,7 +18,7 @@ from cnf.divergence import Exact
 from cnf.errors import ConfigError, DataError
 from cnf.evaluate import evaluate
 from cnf.flow import standard_normal_log_prob
-from cnf.images import ImageData, bits_per_dim, load_mnist, logit_inverse, logit_transform
+from cnf.images import ImageData, bits_per_dim, downsample, load_mnist, logit_inverse, logit_transform
 from cnf.model import build_flow
 from cnf.multiscale import default_scales, scale_shapes, squeeze, unsqueeze
 from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top
@@ -216,6 +216,32 @@ def test_synthetic_images_and_preprocess():
     assert (y >= 0).all() and (y < 1).all()
 
 
+def test_downsample_averages_blocks_and_stays_on_the_256_levels():
+    images = torch.tensor([[[[0, 1, 10, 20], [2, 3, 30, 40], [255, 255, 7, 7], [255, 254, 7, 8]]]], dtype=torch.uint8)
+    small = downsample(images, 2)
+    # block means 1.5, 25, 254.75, 7.25, rounded half to even like torch.round
+    assert small.dtype == torch.uint8 and small.tolist() == [[[[2, 25], [255, 7]]]]
+    assert downsample(images, 1) is images
+    with pytest.raises(DataError, match="does not divide the 4x4 images"):
+        downsample(images, 3)
+
+
+def test_downsampled_synthetic_images_train_on_the_smaller_shape():
+    config = load_config(None, ["data.name=synthetic8", "data.val_size=10", "data.test_size=10", "data.downsample=2"])
+    data = make_data(config.data, seed=0)
+    assert data.event_shape == (1, 4, 4) and data.train.dtype == torch.uint8
+    full = make_data(load_config(None, ["data.name=synthetic8", "data.val_size=10", "data.test_size=10"]).data, seed=0)
+    assert torch.equal(data.test, downsample(full.test, 2))
+    assert data.metrics(16 * math.log(256))["bits_per_dim"] == pytest.approx(16.0)  # D = 16 dimensions
+
+
+def test_downsample_of_non_images_is_a_config_error():
+    with pytest.raises(ConfigError, match="images only"):
+        make_data(load_config(None, ["data.downsample=2"]).data, seed=0)
+    with pytest.raises(ConfigError, match="positive integer"):
+        load_config(None, ["data.downsample=0"])
+
+
 def test_missing_mnist_says_where_to_put_the_files(tmp_path):
     with pytest.raises(DataError, match=r"MNIST/raw.*data\.download=true"):
         load_mnist(tmp_path / "nowhere", download=False)
@@ -315,6 +341,9 @@ def test_mnist_configs_build_ffjords_multiscale_model():
     assert len(ffjord.blocks) == 10  # 2 + 2 per squeezed scale, 2 on the last
     assert [b.field.event_shape for b in ffjord.blocks[::2]] == [(1, 28, 28), (4, 14, 14), (2, 14, 14), (8, 7, 7), (4, 7, 7)]
     assert [tuple(layer.weight.shape[:2]) for layer in ffjord.blocks[0].field.layers] == [(64, 1), (64, 64), (64, 64), (1, 64)]
-    assert len(build_flow(load_config(CONFIGS / "mnist_cpu.yaml"), (1, 28, 28)).blocks) == 5
+    cpu_config = load_config(CONFIGS / "mnist_cpu.yaml")
+    assert cpu_config.data.downsample == 2  # 14x14 MNIST: 2 scales, one block before and after the squeeze
+    cpu = build_flow(cpu_config, (1, 14, 14))
+    assert [b.field.event_shape for b in cpu.blocks] == [(1, 14, 14), (4, 7, 7), (2, 7, 7)]
     runs = load_comparison(CONFIGS / "compare_mnist.yaml").runs
     assert {r.label for r in runs} == {"random", "jacobian_spectrum"}
