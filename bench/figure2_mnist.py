@@ -28,12 +28,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnf.checkpoint import load_checkpoint  # noqa: E402
-from cnf.config import from_dict  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import ConfigError, UserError  # noqa: E402
 from cnf.images import sample_grid  # noqa: E402
-from sample import load_model  # noqa: E402
+from build import load_model  # noqa: E402
 
 CURVE = "jacobian/cumulative_norm"
 
@@ -76,7 +74,8 @@ def figure(args: argparse.Namespace) -> int:
     if args.n < 1 or not args.temperature > 0:
         raise ConfigError("--n must be positive and --temperature > 0")
     device = torch.device("cpu")
-    configs = [from_dict(load_checkpoint(run / "best.pt")["config"]) for run in args.runs]
+    loaded = [load_model(run / "best.pt", device) for run in args.runs]  # (model, config, payload)
+    configs = [config for _, config, _ in loaded]
     if any(c.data.name != configs[0].data.name for c in configs):
         raise ConfigError("all runs must be trained on the same image data set")
     data = make_data(configs[0].data, configs[0].seed)
@@ -87,8 +86,7 @@ def figure(args: argparse.Namespace) -> int:
 
     panels = [("validation images", make_grid(data.val[: args.n].float() / 255, nrow=nrow, padding=2, pad_value=1.0))]
     noise = torch.randn((args.n, *data.event_shape), generator=torch.Generator().manual_seed(args.seed))
-    for run, label, config in zip(args.runs, labels, configs):
-        model = load_model(run / "best.pt", device)
+    for (model, config, _), label in zip(loaded, labels):
         panels.append((f"{label} samples", sample_grid(model, noise * args.temperature, config.data.logit_alpha, nrow)))
 
     fig = plt.figure(figsize=(3.2 * len(panels), 6.4))

@@ -306,6 +306,17 @@ def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
     pixels = np.load(npy)
     assert pixels.shape == (4, 1, 8, 8) and pixels.min() >= 0 and pixels.max() <= 1
 
+    # the Figure-2 script draws validation images, samples and the R curve of the run
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("figure2_mnist", Path(__file__).parents[1] / "bench" / "figure2_mnist.py")
+    figure2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure2)
+    fig = tmp_path / "figure2.png"
+    assert figure2.main([str(run), str(run), "--labels", "a", "b", "--n", "4", "--out", str(fig)]) == 0
+    assert Image.open(fig).size[0] > 0
+    assert figure2.main([str(run), "--labels", "a", "b", "--out", str(fig)]) == 2  # one label per run
+
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
 def test_every_pruning_method_prunes_conv_weights(method):
