@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cnf.errors import CheckpointError
+from cnf.errors import CheckpointError, ConfigError
 
 FORMAT = "cnf-checkpoint/1"
 
@@ -37,6 +37,17 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_derived_output(source: Path, out: Path, kept: str) -> None:
+    """Check that ``out`` can take a checkpoint derived from ``source`` (a command
+    that rewrites a checkpoint, such as compaction or gate export, keeps its input):
+    it must differ from ``source`` and its folder must exist. ``kept`` names what the
+    input holds, for the message."""
+    if out.resolve() == source.resolve():
+        raise ConfigError(f"--out must differ from the input checkpoint (the {kept} is kept)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from build import build_model, load_model
-from cnf.checkpoint import save_checkpoint
+from cnf.checkpoint import check_derived_output, save_checkpoint
 from cnf.config import Config, to_dict
 from cnf.errors import ConfigError, UserError
 from cnf.flow import Flow
@@ -121,10 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
-    if out.resolve() == source.resolve():
-        raise ConfigError("--out must differ from the input checkpoint (the masked model is kept)")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
+    check_derived_output(source, out, "masked model")
     model, config, ckpt = load_model(source)
     small, smaller = compact(model, config)
     save_checkpoint(

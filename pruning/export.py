@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from build import load_model
-from cnf.checkpoint import save_checkpoint
+from cnf.checkpoint import check_derived_output, save_checkpoint
 from cnf.config import to_dict
 from cnf.errors import ConfigError, UserError
 from cnf.flow import Flow
@@ -65,10 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> int:
     source, out = Path(args.checkpoint), Path(args.out)
-    if out.resolve() == source.resolve():
-        raise ConfigError("--out must differ from the input checkpoint (the gated model is kept)")
-    if not out.parent.is_dir():
-        raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
+    check_derived_output(source, out, "gated model")
     model, config, ckpt = load_model(source)
     if not config.regularization.gated:
         raise ConfigError(
