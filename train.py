@@ -71,9 +71,25 @@ def check_resumable(config: Config, saved: dict) -> None:
             )
 
 
+def changed_settings(current: dict, saved: dict, prefix: str = "") -> list[str]:
+    """``"section.key: old -> new"`` for every setting that differs between two config
+    dicts. The config file given to a resumed run replaces the saved one, so a resume
+    reports what it changes (for example a regularization weight) instead of doing it
+    silently."""
+    changes = []
+    for key in sorted(set(current) | set(saved)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_settings(b, a, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         config = load_config(args.config, args.overrides)
         ctx = distributed.setup(config.train.device)
@@ -82,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
+        for sig, handler in handlers.items():  # train() installs its own
+            signal.signal(sig, handler)
         if ctx is not None:
             distributed.teardown(ctx)
 
@@ -96,6 +114,14 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     saved = load_checkpoint(out / "checkpoint.pt") if args.resume else None
     if saved is not None:
         check_resumable(config, saved["config"])
+        changes = changed_settings(to_dict(config), saved["config"])
+        if changes and ctx.main:
+            print(f"resuming at step {saved['step']} with changed settings: " + "; ".join(changes),
+                  file=sys.stderr)
+        if saved["step"] >= config.train.iterations and ctx.main:
+            print(f"the run already reached train.iterations={config.train.iterations} "
+                  f"(step {saved['step']}): only the test evaluation runs; raise train.iterations "
+                  "to train further", file=sys.stderr)
     if ctx.main:
         save_config(config, out / "config.yaml")
     device = ctx.device
@@ -273,6 +299,18 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
                       f"continue with --resume", file=sys.stderr)
             return 128 + signum
     bar.close()
+    # Training is over and checkpointed: Ctrl-C and SIGTERM now stop the test
+    # evaluation at once instead of waiting for a step that will never come.
+    def stop_evaluation(signum, frame):  # noqa: ARG001
+        error = TrainingError(
+            f"stopped by signal {signum} during the test evaluation; training is finished and "
+            f"saved in {out}; run the same command with --resume to evaluate it"
+        )
+        error.exit_code = 128 + signum
+        raise error
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_evaluation)
     if not ctx.main:
         return 0
 

@@ -54,6 +54,53 @@ def test_resume_refuses_a_changed_architecture(tmp_path, capsys):
     assert "differs from the checkpoint" in capsys.readouterr().err
 
 
+def test_resume_reports_what_it_changes(tmp_path, capsys):
+    assert run_train(tmp_path / "r") == 0
+    capsys.readouterr()
+    assert run_train(tmp_path / "r", "--resume", "--set", "train.iterations=6",
+                     "--set", "regularization.kinetic=0.5") == 0
+    err = capsys.readouterr().err
+    assert "resuming at step 4 with changed settings" in err
+    assert "regularization.kinetic: 0.0 -> 0.5" in err and "train.iterations: 4 -> 6" in err
+    assert "already reached" not in err
+    # the saved config is the one the run now uses
+    assert "kinetic: 0.5" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_resuming_a_finished_run_only_evaluates_it(tmp_path, capsys):
+    assert run_train(tmp_path / "r") == 0
+    before = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    capsys.readouterr()
+    assert run_train(tmp_path / "r", "--resume") == 0
+    captured = capsys.readouterr()
+    assert "changed settings" not in captured.err
+    assert "already reached train.iterations=4" in captured.err and "test NLL" in captured.out
+    after = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    for key in before["model"]:
+        assert torch.equal(before["model"][key], after["model"][key]), key
+
+
+def test_a_signal_stops_the_test_evaluation_with_a_message(tmp_path, capsys, monkeypatch):
+    """Training is checkpointed by then, so a signal ends the (possibly long) test
+    evaluation at once instead of being deferred to a step that never comes."""
+    import os
+    import signal
+
+    assert run_train(tmp_path / "r") == 0
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the evaluation")
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_train(tmp_path / "r", "--resume") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "during the test evaluation" in err and "--resume" in err
+    assert signal.getsignal(signal.SIGTERM) is before  # main() restores the caller's handlers
+
+
 @pytest.mark.parametrize(
     "argv, match, code",
     [
