@@ -227,6 +227,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
                 )
             continue
         bad_steps = 0
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(tc, step)
         optimizer.step()
         step += 1
         elapsed = time.perf_counter() - start
@@ -329,6 +331,14 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     print(f"done: {step} steps; best val NLL {best_val:.4f}; test NLL {test.nll:.4f}{derived} "
           f"(R {test.jac_norm:.3f}, NFE {test.nfe:.0f}) -> {out}")
     return 0
+
+
+def learning_rate(tc, step: int) -> float:
+    """The learning rate of the optimizer step taken after ``step`` steps. A function
+    of the step alone, so a resumed run follows the same schedule."""
+    if tc.lr_schedule == "cosine":
+        return 0.5 * tc.lr * (1.0 + math.cos(math.pi * min(step, tc.iterations) / tc.iterations))
+    return tc.lr
 
 
 GAP_WARNING_NATS_PER_DIM = 0.1

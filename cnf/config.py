@@ -114,11 +114,14 @@ class SolverConfig:
 class TrainConfig:
     """Optimization and bookkeeping intervals (in iterations). ``early_stopping``:
     stop after this many validations without a better validation NLL (0: never);
-    ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation."""
+    ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation;
+    ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` at step 0 down to 0 at
+    ``iterations``)."""
 
     iterations: int = 10000
     batch_size: int = 100
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-5
     val_every: int = 100
     val_batch_size: int = 1000
@@ -135,6 +138,8 @@ class TrainConfig:
                     "log_every", "max_bad_steps"):
             _check(getattr(self, key) > 0, f"train.{key} must be positive (got {getattr(self, key)})")
         _check(self.lr > 0, f"train.lr must be positive (got {self.lr})")
+        _check(self.lr_schedule in ("constant", "cosine"),
+               f"train.lr_schedule must be 'constant' or 'cosine' (got {self.lr_schedule!r})")
         _check(self.weight_decay >= 0, f"train.weight_decay must be non-negative (got {self.weight_decay})")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be positive or null")
         _check(self.early_stopping >= 0, f"train.early_stopping must be non-negative (got {self.early_stopping})")

@@ -47,6 +47,7 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         ("solver.adjoint=maybe", r"solver.adjoint must be true or false"),
         ("model.hidden_dims=wide", r"model.hidden_dims\[0\] must be an integer"),
         ("train.lr=-1", r"train.lr must be positive"),
+        ("train.lr_schedule=linear", r"train.lr_schedule must be .constant. or .cosine."),
         ("pruning.sparsity=1.0", r"pruning.sparsity must be in \[0, 1\)"),
         ("regularization.l0=-1", r"regularization.l0 must be non-negative"),
         ("data=3", r"data must be a mapping"),

@@ -47,6 +47,55 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_cosine_learning_rate_schedule():
+    from cnf.config import TrainConfig
+
+    cosine = TrainConfig(iterations=100, lr=2e-3, lr_schedule="cosine")
+    assert train.learning_rate(cosine, 0) == pytest.approx(2e-3)
+    assert train.learning_rate(cosine, 50) == pytest.approx(1e-3)
+    assert train.learning_rate(cosine, 25) == pytest.approx(1e-3 * (1 + 2 ** -0.5))
+    assert train.learning_rate(cosine, 100) == pytest.approx(0.0, abs=1e-15)
+    rates = [train.learning_rate(cosine, s) for s in range(101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = TrainConfig(iterations=100, lr=2e-3)
+    assert {train.learning_rate(constant, s) for s in range(101)} == {2e-3}
+
+
+def test_an_interrupted_cosine_run_resumes_on_the_same_curve(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from cnf.data import ToyData
+
+    cosine = ["--set", "train.lr_schedule=cosine", "--set", "train.iterations=6"]
+    assert run_train(tmp_path / "a", *cosine) == 0
+    real, calls = ToyData.train_batch, [0]
+
+    def batch_then_sigterm(self, n):
+        calls[0] += 1
+        if calls[0] == 3:  # stop after the third step, as Ctrl-C would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, n)
+
+    monkeypatch.setattr(ToyData, "train_batch", batch_then_sigterm)
+    assert run_train(tmp_path / "b", *cosine) == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(ToyData, "train_batch", real)
+    assert run_train(tmp_path / "b", *cosine, "--resume") == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_the_schedule_sets_the_optimizer_learning_rate(tmp_path):
+    assert run_train(tmp_path / "c", "--set", "train.lr_schedule=cosine") == 0
+    saved = load_checkpoint(tmp_path / "c" / "checkpoint.pt")
+    # the last of 4 steps was taken after 3: lr * (1 + cos(3 pi / 4)) / 2
+    expected = 0.5 * saved["config"]["train"]["lr"] * (1 + np.cos(3 * np.pi / 4))
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+
+
 def test_resume_refuses_a_changed_architecture(tmp_path, capsys):
     assert run_train(tmp_path / "r") == 0
     code = run_train(tmp_path / "r", "--resume", "--set", "model.hidden_dims=[8]")
