@@ -262,6 +262,69 @@ def test_mnist_smoke_reads_the_real_files(tmp_path):
     assert 0.15 < (data.train[:1000] > 0).float().mean() < 0.25
 
 
+def test_digit_score_counts_confident_images_and_their_classes():
+    from bench.digit_score import score
+
+    probs = torch.tensor([[0.95, 0.05] + [0.0] * 8,   # confident 0
+                          [0.0, 0.92] + [0.08] + [0.0] * 7,  # confident 1
+                          [0.5, 0.5] + [0.0] * 8,     # undecided
+                          [0.91, 0.09] + [0.0] * 8])  # confident 0 again
+    s = score(probs, threshold=0.9)
+    assert s == {"confident": 0.75, "mean p": pytest.approx((0.95 + 0.92 + 0.5 + 0.91) / 4), "classes": 2.0}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
+def test_digit_classifier_recognizes_digits_and_not_noise(tmp_path):
+    """The sample-quality proxy of bench/digit_score.py: a classifier trained briefly on
+    14x14 MNIST is accurate on test digits and confident on them, but not on noise."""
+    from bench.digit_score import fit, mnist_with_labels, probabilities, score
+    from cnf.config import DataConfig
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(f, raw)
+    train_x, train_y, test_x, test_y = mnist_with_labels(DataConfig(name="mnist", root=str(tmp_path), downsample=2))
+    assert train_x.shape == (60000, 1, 14, 14) and test_y.shape == (10000,)
+    net = fit(train_x[:6000], train_y[:6000], epochs=3, seed=0)
+    probs = probabilities(net, test_x[:1000].float() / 255)
+    assert (probs.argmax(-1) == test_y[:1000]).float().mean() > 0.85
+    digits = score(probs, 0.9)
+    noise = score(probabilities(net, torch.rand(1000, 1, 14, 14, generator=torch.Generator().manual_seed(0))), 0.9)
+    assert digits["confident"] > 0.5 and digits["classes"] == 10
+    assert noise["confident"] < digits["confident"] - 0.3
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
+def test_digit_score_script_reports_every_checkpoint_and_temperature(tmp_path, capsys):
+    from bench import digit_score
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(f, raw)
+    config = {**SMOKE, "data": {"name": "mnist", "root": str(tmp_path), "downsample": 2,
+                                "val_size": 32, "test_size": 32}}
+    config["train"] = {**SMOKE["train"], "iterations": 1}
+    path = tmp_path / "mnist.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert train.main([str(path), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "best.pt")
+    argv = [ckpt, "--n", "8", "--temperature", "0.7", "1", "--train-size", "500", "--epochs", "1"]
+    assert digit_score.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "500 14x14 training images" in out
+    assert len([line for line in out.splitlines() if line.startswith(ckpt)]) == 2  # one per temperature
+
+    smoke = tmp_path / "smoke.yaml"
+    smoke.write_text(yaml.safe_dump(SMOKE))
+    assert train.main([str(smoke), "--out", str(tmp_path / "bars")]) == 0
+    capsys.readouterr()
+    assert digit_score.main([str(tmp_path / "bars" / "best.pt")]) == 2  # not an MNIST model
+    assert "is not an MNIST model" in capsys.readouterr().err
+
+
 # --- scripts -----------------------------------------------------------------------
 
 SMOKE = {
