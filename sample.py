@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from build import load_model
-from cnf.errors import ConfigError, UserError
+from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
 from cnf.images import logit_inverse
 
@@ -44,11 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return sample(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(sample, args)
 
 
 def sample(args: argparse.Namespace) -> int:

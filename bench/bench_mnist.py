@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from build import build_model  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import make_data  # noqa: E402
-from cnf.errors import UserError  # noqa: E402
+from cnf.errors import report_user_errors  # noqa: E402
 from cnf.flow import standard_normal_log_prob  # noqa: E402
 
 
@@ -90,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if not args.no_cpu:
-            bench(args.config, [*args.overrides, "train.device=cpu"], torch.device("cpu"), args.iterations, args.warmup)
-        if torch.cuda.is_available() and not args.no_gpu:
-            bench(args.gpu_config, args.overrides, torch.device("cuda"), args.iterations, args.warmup)
-        elif not args.no_gpu:
-            print(f"no CUDA device: {args.gpu_config} not benchmarked")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(bench_all, args)
+
+
+def bench_all(args: argparse.Namespace) -> int:
+    if not args.no_cpu:
+        bench(args.config, [*args.overrides, "train.device=cpu"], torch.device("cpu"), args.iterations, args.warmup)
+    if torch.cuda.is_available() and not args.no_gpu:
+        bench(args.gpu_config, args.overrides, torch.device("cuda"), args.iterations, args.warmup)
+    elif not args.no_gpu:
+        print(f"no CUDA device: {args.gpu_config} not benchmarked")
     return 0
 
 

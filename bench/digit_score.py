@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build import load_model  # noqa: E402
 from cnf.config import DataConfig  # noqa: E402
-from cnf.errors import ConfigError, UserError  # noqa: E402
+from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.images import downsample, load_mnist, logit_inverse  # noqa: E402
 
 
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-size", type=int, default=None, help="classifier training images (default all)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        return report(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(report, args)
 
 
 def report(args: argparse.Namespace) -> int:

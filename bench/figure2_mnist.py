@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnf.data import make_data  # noqa: E402
-from cnf.errors import ConfigError, UserError  # noqa: E402
+from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.images import sample_grid  # noqa: E402
 from build import load_model  # noqa: E402
 
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="base noise scale (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared base noise")
     args = p.parse_args(argv)
-    try:
-        return figure(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(figure, args)
 
 
 def figure(args: argparse.Namespace) -> int:

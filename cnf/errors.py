@@ -8,6 +8,9 @@ the class, so a mistake never ends in a bare traceback.
 
 from __future__ import annotations
 
+import sys
+from typing import Any, Callable
+
 
 class UserError(Exception):
     """An error the user can act on. ``exit_code`` is what the scripts exit with."""
@@ -47,3 +50,13 @@ class TrainingError(UserError):
 
 class NonFiniteError(TrainingError):
     """NaN or inf values entered an ODE solve (the solver cannot step over them)."""
+
+
+def report_user_errors(body: Callable[..., int], *args: Any) -> int:
+    """``body(*args)``, the exit code of a command-line script; a :class:`UserError`
+    it raises becomes one ``error: ...`` line on stderr and the error's exit code."""
+    try:
+        return body(*args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -32,7 +32,7 @@ from torch import Tensor
 from build import build_model, load_model
 from cnf.checkpoint import check_derived_output, save_checkpoint
 from cnf.config import Config, to_dict
-from cnf.errors import ConfigError, UserError
+from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
 from pruning.masks import mask_buffer
 from pruning.structured import hidden_layers
@@ -140,11 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(run, args)
 
 
 if __name__ == "__main__":

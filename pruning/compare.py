@@ -53,7 +53,7 @@ import torch
 import yaml
 
 from cnf.config import Config, from_dict, load_config, to_dict
-from cnf.errors import ConfigError, UserError
+from cnf.errors import ConfigError, report_user_errors
 from pruning.scores import SCORERS
 
 DENSE = "dense"
@@ -475,11 +475,7 @@ def select_runs(comparison: Comparison, patterns: Sequence[str]) -> list[RunSpec
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return compare(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(compare, args)
 
 
 def compare(args: argparse.Namespace) -> int:

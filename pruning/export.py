@@ -25,7 +25,7 @@ import torch
 from build import load_model
 from cnf.checkpoint import check_derived_output, save_checkpoint
 from cnf.config import to_dict
-from cnf.errors import ConfigError, UserError
+from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
 from pruning.gates import HardConcreteGates
 from pruning.masks import mask_buffer
@@ -98,11 +98,7 @@ def export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return export(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return report_user_errors(export, args)
 
 
 if __name__ == "__main__":
