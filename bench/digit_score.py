@@ -128,7 +128,7 @@ def report(args: argparse.Namespace) -> int:
     test_probs = probabilities(net, test.float() / 255)
     accuracy = (test_probs.argmax(-1) == test_labels).float().mean().item()
     size = "x".join(str(s) for s in test.shape[-2:])
-    print(f"classifier: {args.epochs} epochs on {len(train)} {size} training images, "
+    print(f"classifier: {args.epochs} epoch{'s' if args.epochs != 1 else ''} on {len(train)} {size} training images, "
           f"test accuracy {accuracy:.4f}; confident means p >= {args.threshold}")
 
     rows = [("test images", "-", score(test_probs[:args.n], args.threshold))]
