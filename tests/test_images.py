@@ -247,13 +247,22 @@ def test_missing_mnist_says_where_to_put_the_files(tmp_path):
         load_mnist(tmp_path / "nowhere", download=False)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
-def test_mnist_smoke_reads_the_real_files(tmp_path):
+needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    """A data root holding a copy of the real MNIST archives (as `make data` makes)."""
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
         shutil.copy(f, raw)
-    config = load_config(None, ["data.name=mnist", f"data.root={tmp_path}", "data.val_size=1000", "data.test_size=10000"])
+    return tmp_path
+
+
+@needs_mnist
+def test_mnist_smoke_reads_the_real_files(mnist_root):
+    config = load_config(None, ["data.name=mnist", f"data.root={mnist_root}", "data.val_size=1000", "data.test_size=10000"])
     data = make_data(config.data, seed=0)
     assert data.event_shape == (1, 28, 28)
     assert (len(data.train), len(data.val), len(data.test)) == (59000, 1000, 10000)
@@ -273,18 +282,14 @@ def test_digit_score_counts_confident_images_and_their_classes():
     assert s == {"confident": 0.75, "mean p": pytest.approx((0.95 + 0.92 + 0.5 + 0.91) / 4), "classes": 2.0}
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
-def test_digit_classifier_recognizes_digits_and_not_noise(tmp_path):
+@needs_mnist
+def test_digit_classifier_recognizes_digits_and_not_noise(mnist_root):
     """The sample-quality proxy of bench/digit_score.py: a classifier trained briefly on
     14x14 MNIST is accurate on test digits and confident on them, but not on noise."""
     from bench.digit_score import fit, mnist_with_labels, probabilities, score
     from cnf.config import DataConfig
 
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
-        shutil.copy(f, raw)
-    train_x, train_y, test_x, test_y = mnist_with_labels(DataConfig(name="mnist", root=str(tmp_path), downsample=2))
+    train_x, train_y, test_x, test_y = mnist_with_labels(DataConfig(name="mnist", root=str(mnist_root), downsample=2))
     assert train_x.shape == (60000, 1, 14, 14) and test_y.shape == (10000,)
     net = fit(train_x[:6000], train_y[:6000], epochs=3, seed=0)
     probs = probabilities(net, test_x[:1000].float() / 255)
@@ -295,15 +300,11 @@ def test_digit_classifier_recognizes_digits_and_not_noise(tmp_path):
     assert noise["confident"] < digits["confident"] - 0.3
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST files in {SHARED_DATA}")
-def test_digit_score_script_reports_every_checkpoint_and_temperature(tmp_path, capsys):
+@needs_mnist
+def test_digit_score_script_reports_every_checkpoint_and_temperature(mnist_root, tmp_path, capsys):
     from bench import digit_score
 
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
-        shutil.copy(f, raw)
-    config = {**SMOKE, "data": {"name": "mnist", "root": str(tmp_path), "downsample": 2,
+    config = {**SMOKE, "data": {"name": "mnist", "root": str(mnist_root), "downsample": 2,
                                 "val_size": 32, "test_size": 32}}
     config["train"] = {**SMOKE["train"], "iterations": 1}
     path = tmp_path / "mnist.yaml"
