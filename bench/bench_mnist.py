@@ -28,7 +28,7 @@ from build import build_model  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import report_user_errors  # noqa: E402
-from cnf.flow import standard_normal_log_prob  # noqa: E402
+from train import training_loss  # noqa: E402  (the loss train.py optimizes, penalties included)
 
 
 def bench(config_path: str, overrides: list[str], device: torch.device, iterations: int, warmup: int) -> None:
@@ -49,13 +49,7 @@ def bench(config_path: str, overrides: list[str], device: torch.device, iteratio
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        x, pre_logdet = data.preprocess(x)
-        trace = model.trace(x)
-        nll = -(standard_normal_log_prob(trace.out) + trace.logabsdet + pre_logdet).mean()
-        loss = nll
-        r = config.regularization
-        if trace.kinetic is not None:
-            loss = loss + r.kinetic * trace.kinetic.mean() + r.jacobian_frobenius * trace.jac_frobenius.mean()
+        nll, loss, trace, _ = training_loss(model.trace, model, data, x, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,7 +25,7 @@ from build import build_model  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.evaluate import evaluate  # noqa: E402
-from cnf.flow import standard_normal_log_prob  # noqa: E402
+from train import training_loss  # noqa: E402  (the loss train.py optimizes, penalties included)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     for it in range(1, args.iterations + 1):
         x = data.train_batch(config.train.batch_size)
         start = time.perf_counter()
-        trace = model.trace(x)
-        nll = -(standard_normal_log_prob(trace.out) + trace.logabsdet).mean()
+        nll, loss, trace, _ = training_loss(model.trace, model, data, x, config)
         opt.zero_grad(set_to_none=True)
-        nll.backward()
+        loss.backward()
         opt.step()
         elapsed = time.perf_counter() - start
         win["time"] += elapsed
