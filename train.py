@@ -10,6 +10,7 @@ Writes TensorBoard events, ``config.yaml``, ``checkpoint.pt`` (latest) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -25,6 +26,7 @@ from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_
 from cnf import distributed
 from cnf.config import Config, load_config, save_config, to_dict
 from cnf.data import make_data
+from cnf.ema import ParameterAverage
 from cnf.errors import CheckpointError, ConfigError, NonFiniteError, SolverError, TrainingError, UserError
 from cnf.evaluate import evaluate
 from cnf.flow import standard_normal_log_prob
@@ -139,12 +141,16 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     torch.manual_seed(config.seed + 7919 * ctx.rank)
     step_model = distributed.wrap(model, ctx)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = ParameterAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     step, best_val, bad_steps, skipped, stale = 0, math.inf, 0, 0, 0
     if saved is not None:
         try:
-            model.load_state_dict(saved["model"])
+            # with averaging on, "model" holds the averaged weights and "training_model" the iterate
+            model.load_state_dict(saved.get("training_model", saved["model"]))
             optimizer.load_state_dict(saved["optimizer"])
+            if ema is not None and "training_model" in saved:
+                ema.load(saved["model"], saved["ema_updates"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint does not match the model: {str(exc).splitlines()[0]}") from None
         data.load_state_dict(saved["data"])
@@ -165,10 +171,14 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
             rng = distributed.gather_objects(rng_state(), ctx)
         if not ctx.main:
             return
+        weights = {"model": model.state_dict()}
+        if ema is not None:  # sample.py and the pruning tools read "model": the averaged weights
+            weights = {"model": ema.averaged_state(model), "training_model": model.state_dict(),
+                       "ema_updates": ema.updates}
         save_checkpoint(
             {
-                "config": to_dict(config), "event_shape": list(data.event_shape),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "config": to_dict(config), "event_shape": list(data.event_shape), **weights,
+                "optimizer": optimizer.state_dict(),
                 "step": step, "best_val": best_val, "skipped_steps": skipped, "stale_validations": stale,
                 "rng": rng, "data": data.state_dict(),
             },
@@ -230,6 +240,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(tc, step)
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         elapsed = time.perf_counter() - start
 
@@ -260,7 +272,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         # --- validation, figures, checkpoints ------------------------------------
         last = step == tc.iterations
         if ctx.main and (step % tc.val_every == 0 or last):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    evaluation_weights(model, ema):
                 val = evaluate(model, data.val, batch_size=tc.val_batch_size, preprocess=data.preprocess)
                 if tc.figures and data.event_shape == (2,):
                     writer.add_figure("flow/density", two_d_figure(model, data), step)
@@ -319,8 +332,10 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     # --- final test evaluation with the best model --------------------------------
     best = load_checkpoint(out / "best.pt", map_location=device) if (out / "best.pt").is_file() else None
     if best is not None:
-        model.load_state_dict(best["model"])
-    test = evaluate(model, data.test, batch_size=tc.val_batch_size, preprocess=data.preprocess)
+        model.load_state_dict(best["model"])  # already averaged when ema_decay > 0
+        ema = None
+    with evaluation_weights(model, ema):
+        test = evaluate(model, data.test, batch_size=tc.val_batch_size, preprocess=data.preprocess)
     writer.add_scalar("test/nll", test.nll, step)
     for k, v in data.metrics(test.nll).items():
         writer.add_scalar(f"test/{k}", v, step)
@@ -331,6 +346,11 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     print(f"done: {step} steps; best val NLL {best_val:.4f}; test NLL {test.nll:.4f}{derived} "
           f"(R {test.jac_norm:.3f}, NFE {test.nfe:.0f}) -> {out}")
     return 0
+
+
+def evaluation_weights(model, ema: ParameterAverage | None):
+    """The weights to evaluate and sample with: the average if there is one."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
 
 def learning_rate(tc, step: int) -> float:

@@ -116,13 +116,16 @@ class TrainConfig:
     stop after this many validations without a better validation NLL (0: never);
     ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation;
     ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` at step 0 down to 0 at
-    ``iterations``)."""
+    ``iterations``); ``ema_decay``: evaluate, sample and checkpoint an exponential
+    moving average of the parameters with this decay (0: the last iterate; see
+    :mod:`cnf.ema`)."""
 
     iterations: int = 10000
     batch_size: int = 100
     lr: float = 1e-3
     lr_schedule: str = "constant"
     weight_decay: float = 1e-5
+    ema_decay: float = 0.0
     val_every: int = 100
     val_batch_size: int = 1000
     checkpoint_every: int = 100
@@ -141,6 +144,7 @@ class TrainConfig:
         _check(self.lr_schedule in ("constant", "cosine"),
                f"train.lr_schedule must be 'constant' or 'cosine' (got {self.lr_schedule!r})")
         _check(self.weight_decay >= 0, f"train.weight_decay must be non-negative (got {self.weight_decay})")
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1) (got {self.ema_decay})")
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be positive or null")
         _check(self.early_stopping >= 0, f"train.early_stopping must be non-negative (got {self.early_stopping})")
 

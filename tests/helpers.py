@@ -1,8 +1,11 @@
-"""Reusable test pieces: a linear vector field with closed-form flow."""
+"""Reusable test pieces: a linear vector field with closed-form flow; a quick
+toy training run through train.py's entry point."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+import train
 
 from cnf.fields import VectorField
 
@@ -31,3 +34,14 @@ def count_calls(field: nn.Module) -> list[int]:
 
     field.forward = counted
     return calls
+
+
+# A few seconds of toy training: small field, loose tolerances, validation twice.
+QUICK = ["--set", "train.iterations=4", "--set", "train.val_every=2", "--set", "train.log_every=1",
+         "--set", "model.hidden_dims=[16,16]", "--set", "data.val_size=200", "--set", "data.test_size=200",
+         "--set", "solver.rtol=1e-3", "--set", "solver.atol=1e-3"]
+
+
+def run_train(out, *extra: str) -> int:
+    """``train.py configs/toy.yaml --out out`` with :data:`QUICK` and ``extra`` settings."""
+    return train.main(["configs/toy.yaml", "--out", str(out), *QUICK, *extra])

@@ -7,14 +7,8 @@ import torch
 import sample
 import train
 from cnf.checkpoint import load_checkpoint
+from helpers import run_train
 
-QUICK = ["--set", "train.iterations=4", "--set", "train.val_every=2", "--set", "train.log_every=1",
-         "--set", "model.hidden_dims=[16,16]", "--set", "data.val_size=200", "--set", "data.test_size=200",
-         "--set", "solver.rtol=1e-3", "--set", "solver.atol=1e-3"]
-
-
-def run_train(out, *extra):
-    return train.main(["configs/toy.yaml", "--out", str(out), *QUICK, *extra])
 
 
 def test_train_resume_sample(tmp_path, capsys):
