@@ -3,13 +3,15 @@ and their cumulative Jacobian norm during training.
 
     python bench/figure2_mnist.py RUN_DIR [RUN_DIR ...] --out figure2.png
         [--labels random jacobian_spectrum] [--n 36] [--temperature 0.7] [--seed 0]
+        [--max-step N]
 
 Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
 (for example the runs ``python -m pruning.compare configs/compare_mnist.yaml`` writes).
 The top row shows validation images of the first run's data and, per run, samples
 from the *same* base noise (so differences come from the models, not the draws);
 the bottom panel shows ``jacobian/cumulative_norm`` (R = Σ_blocks ∫ ‖∂f/∂z‖_F dt,
-Hutchinson estimate) against the training step for every run.
+Hutchinson estimate) against the training step for every run, with a dot at the
+step of the ``best.pt`` the samples come from; ``--max-step`` cuts the curves there.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=36, help="images per panel (default 36)")
     p.add_argument("--temperature", type=float, default=0.7, help="base noise scale (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared base noise")
+    p.add_argument("--max-step", type=int, default=None, help="plot the curves up to this training step")
     args = p.parse_args(argv)
     return report_user_errors(figure, args)
 
@@ -67,8 +70,8 @@ def figure(args: argparse.Namespace) -> int:
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         raise ConfigError(f"--labels needs one label per run ({len(args.runs)}), got {len(labels)}")
-    if args.n < 1 or not args.temperature > 0:
-        raise ConfigError("--n must be positive and --temperature > 0")
+    if args.n < 1 or not args.temperature > 0 or (args.max_step is not None and args.max_step < 1):
+        raise ConfigError("--n and --max-step must be positive and --temperature > 0")
     device = torch.device("cpu")
     loaded = [load_model(run / "best.pt", device) for run in args.runs]  # (model, config, payload)
     configs = [config for _, config, _ in loaded]
@@ -93,11 +96,17 @@ def figure(args: argparse.Namespace) -> int:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
-    for run, label in zip(args.runs, labels):
+    for run, label, (_, _, payload) in zip(args.runs, labels, loaded):
         steps, values = scalar_curve(run, CURVE)
-        ax.plot(steps, values, label=label)
+        if args.max_step is not None:
+            steps, values = steps[steps <= args.max_step], values[steps <= args.max_step]
+        line, = ax.plot(steps, values, label=label)
+        best = payload.get("step")
+        if best in steps:
+            ax.plot([best], [values[list(steps).index(best)]], "o", color=line.get_color())
     ax.set_xlabel("training step")
     ax.set_ylabel("cumulative Jacobian norm R")
+    ax.set_title("dots: the step of best.pt, whose samples are shown", fontsize=9)
     ax.legend()
     fig.tight_layout()
     try:
