@@ -17,7 +17,7 @@ ARGS = ["configs/toy.yaml", "--set", "train.iterations=2", "--set", "train.batch
         "--set", "model.hidden_dims=[16,16]", "--set", "solver.method=rk4", "--set", "solver.step_size=0.1",
         "--set", "solver.adjoint=false", "--set", "train.val_every=2", "--set", "data.val_size=64",
         "--set", "data.test_size=64", "--set", "train.figures=false", "--set", "train.device=cpu",
-        "--set", "pruning.method=magnitude", "--set", "pruning.sparsity=0.5"]
+        "--set", "pruning.method=magnitude", "--set", "pruning.sparsity=0.5", "--set", "train.ema_decay=0.9"]
 
 
 def run(cmd, cwd):
@@ -34,8 +34,9 @@ def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
     one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert len(two["rng"]) == 2 and two["step"] == 2
-    for key, value in one["model"].items():
-        torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for weights in ("model", "training_model"):  # the parameter average and the iterate
+        for key, value in one[weights].items():
+            torch.testing.assert_close(two[weights][key], value, rtol=1e-5, atol=1e-6, msg=f"{weights}.{key}")
 
 
 def _rank_masks(rank: int, world: int, port: int, queue) -> None:
