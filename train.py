@@ -149,8 +149,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
             # with averaging on, "model" holds the averaged weights and "training_model" the iterate
             model.load_state_dict(saved.get("training_model", saved["model"]))
             optimizer.load_state_dict(saved["optimizer"])
-            if ema is not None and "training_model" in saved:
-                ema.load(saved["model"], saved["ema_updates"])
+            if ema is not None:  # a run that did not average so far starts averaging its iterate
+                ema.load(saved["model"], saved["ema_updates"] if "training_model" in saved else 0)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint does not match the model: {str(exc).splitlines()[0]}") from None
         data.load_state_dict(saved["data"])

@@ -104,3 +104,19 @@ def test_an_averaged_run_resumes_exactly(tmp_path):
     for weights in ("model", "training_model"):
         for key in a[weights]:
             assert torch.equal(a[weights][key], b[weights][key]), (weights, key)
+
+
+def test_switching_averaging_on_at_a_resume_starts_from_the_iterate(tmp_path):
+    """One update after the switch the average is d_1 w_4 + (1 - d_1) w_5, d_1 = 2/11,
+    whatever the initial weights were."""
+    assert run_train(tmp_path / "r", "--set", "train.checkpoint_every=1") == 0
+    w4 = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["model"]
+    assert run_train(tmp_path / "r", "--resume", "--set", "train.iterations=5",
+                     "--set", "train.ema_decay=0.999") == 0
+    saved = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert saved["ema_updates"] == 1
+    w5, d = saved["training_model"], averaging_weight(0.999, 1)
+    for key, value in saved["model"].items():
+        if key.endswith("_mask"):
+            continue
+        torch.testing.assert_close(value, d * w4[key] + (1 - d) * w5[key], rtol=1e-5, atol=1e-7, msg=key)
