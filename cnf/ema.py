@@ -64,12 +64,9 @@ class ParameterAverage:
 
     def averaged_state(self, model: nn.Module) -> dict[str, Tensor]:
         """``model.state_dict()`` with the averaged parameters in place of its own
-        (buffers such as pruning masks are the model's)."""
-        state = model.state_dict()
-        missing = sorted(set(self.average) - set(state))
-        if missing:
-            raise KeyError(f"parameters {missing} are not in the model's state dict")
-        return {**state, **{name: value.clone() for name, value in self.average.items()}}
+        (buffers such as pruning masks are the model's). Like ``state_dict`` it shares
+        storage with the live tensors: save it, or copy it to keep it."""
+        return {**model.state_dict(), **self.average}
 
     def load(self, average: dict[str, Tensor], updates: int) -> None:
         """Restore the average (for example the parameters of a model state dict)
