@@ -5,10 +5,15 @@
 run and a dense run with the same seed see the same training batches and the
 same random numbers: the scoring batches come from a copy of the data source
 with its own generator, and the global torch generator is restored afterwards.
+
+A model built with L0 or PathReg gates is scored with its gates taken out: the
+scores are those of the ungated weights, so the mask does not depend on one
+random gate draw (a closed gate would zero a weight's gradients and its score).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -60,7 +65,7 @@ def prune_at_init(model: Flow, data: DataSource, config: Config, device: torch.d
         return f"{header}: nothing to prune\n{sparsity_table(model)}"
     dtype = next(model.parameters()).dtype
     batches = [x.to(device=device, dtype=dtype) for x in scoring_batches(data, config)]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(model):
         scores = scorer(model, batches, config)
     if p.granularity == "unit":
         apply_masks(model, select_units(model, scores, p.sparsity, p.scope))
@@ -68,3 +73,16 @@ def prune_at_init(model: Flow, data: DataSource, config: Config, device: torch.d
     else:
         apply_masks(model, select_top(scores, p.sparsity, p.scope))
     return f"{header}, scored on {len(batches)} batch(es) of {config.train.batch_size}\n{sparsity_table(model)}"
+
+
+@contextlib.contextmanager
+def _gates_removed(model: Flow):
+    """Take every block's weight gates out for the duration, and put them back."""
+    saved = [block.gates for block in model.blocks]
+    try:
+        for block in model.blocks:
+            block.gates = None
+        yield
+    finally:
+        for block, gates in zip(model.blocks, saved):
+            block.gates = gates

@@ -48,7 +48,7 @@ def select_top(scores: Mapping[str, Tensor], sparsity: float, scope: str = "glob
 
     ``global``: one threshold over all weights, keeping ``round((1 - sparsity) N)``
     of the ``N`` scored weights; ``layer``: the same fraction within each weight.
-    Ties are broken by position (``torch.topk``), so the count is exact.
+    Ties are broken by position (earlier entries are kept), so the count is exact.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1) (got {sparsity})")
@@ -69,7 +69,9 @@ def _top_fraction(flat: Tensor, fraction: float) -> Tensor:
     k = int(round(fraction * flat.numel()))
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
-        keep[torch.topk(flat.float(), k, sorted=False).indices] = True
+        # A stable sort keeps tied entries in order; no cast, so float64 scores
+        # (SynFlow's) keep their full precision and range.
+        keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     return keep
 
 

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import sample
 import train
 from build import build_model
 from cnf.checkpoint import load_checkpoint, save_checkpoint
-from cnf.config import from_dict, load_config
+from cnf.config import from_dict, load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
 from cnf.flow import standard_normal_log_prob
@@ -50,6 +51,43 @@ def test_achieved_sparsity_equals_the_request(scope, sparsity):
         assert sum(int(k.sum()) for k in keep.values()) == round((1 - sparsity) * total)
     else:
         assert all(int(keep[n].sum()) == round((1 - sparsity) * p.numel()) for n, p in weights.items())
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-50, 1e39])
+def test_select_top_keeps_float64_scores_in_order(scale):
+    # Differences of 1e-12 and magnitudes outside float32's range (SynFlow's scores)
+    descending = scale * torch.tensor([1 + 3e-12, 1 + 2e-12, 1 + 1e-12, 1.0], dtype=torch.float64)
+    for scores in (descending, descending.flip(0)):
+        keep = select_top({"w": scores}, 0.5)["w"]
+        assert torch.equal(keep, scores >= scores.sort(descending=True).values[1])
+
+
+def test_select_top_breaks_ties_by_position():
+    keep = select_top({"a": torch.zeros(6), "b": torch.zeros(4)}, 0.7)
+    assert keep["a"].tolist() == [True, True, True, False, False, False]
+    assert not keep["b"].any()
+
+
+def test_a_gated_model_is_scored_without_its_gates():
+    """With L0 gates, the mask is the one the ungated weights get, whatever the global
+    generator (a sampled gate draw would zero some gradients and reorder the scores)."""
+    config = to_dict(small_config(method="jacobian_spectrum", sparsity=0.4))
+    config["regularization"]["l0"] = 0.01
+    config = from_dict(config)
+    model, data = fresh(config)
+    gates = [block.gates for block in model.blocks]
+    assert all(g is not None for g in gates)
+    ungated = copy.deepcopy(model)
+    for block in ungated.blocks:
+        block.gates = None
+    prune_at_init(ungated, data, config, CPU)
+    expected = {n: mask_buffer(ungated, n).clone() for n in prunable_weights(model)}
+    for seed in (1, 2):
+        pruned = copy.deepcopy(model)
+        torch.manual_seed(seed)
+        prune_at_init(pruned, data, config, CPU)
+        assert all(torch.equal(mask_buffer(pruned, n), m) for n, m in expected.items())
+        assert all(block.gates is not None for block in pruned.blocks)  # put back
 
 
 def test_masked_weights_stay_exactly_zero_under_adam_with_weight_decay():
