@@ -163,6 +163,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         set_rng_state(rng[ctx.rank])
         step, best_val, skipped = saved["step"], saved["best_val"], saved["skipped_steps"]
         stale = saved["stale_validations"]
+        if ctx.main:  # best.pt may be ahead of checkpoint.pt (or gone): compare with what is on disk
+            best_val = saved_best_val(out / "best.pt")
 
     def checkpoint(path: Path, rng: list | None = None) -> None:
         """Rank 0 writes; the latest checkpoint holds every rank's RNG state (a
@@ -351,6 +353,19 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
 def evaluation_weights(model, ema: ParameterAverage | None):
     """The weights to evaluate and sample with: the average if there is one."""
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
+def saved_best_val(path: Path) -> float:
+    """The validation NLL stored in ``best.pt`` (inf when there is none or it is
+    unreadable, so that the next validation writes a new one)."""
+    if not path.is_file():
+        return math.inf
+    try:
+        return float(load_checkpoint(path)["best_val"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        print(f"warning: ignoring {path} ({str(exc).splitlines()[0]}); the next best "
+              "validation replaces it", file=sys.stderr)
+        return math.inf
 
 
 def learning_rate(tc, step: int) -> float:

@@ -6,7 +6,7 @@ import torch
 
 import sample
 import train
-from cnf.checkpoint import load_checkpoint
+from cnf.checkpoint import load_checkpoint, save_checkpoint
 from helpers import run_train
 
 
@@ -88,6 +88,27 @@ def test_the_schedule_sets_the_optimizer_learning_rate(tmp_path):
     # the last of 4 steps was taken after 3: lr * (1 + cos(3 pi / 4)) / 2
     expected = 0.5 * saved["config"]["train"]["lr"] * (1 + np.cos(3 * np.pi / 4))
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+
+
+def test_resume_keeps_a_best_pt_that_is_ahead_of_checkpoint_pt(tmp_path, capsys):
+    """best.pt is written at every better validation, checkpoint.pt every
+    checkpoint_every steps: after a kill in between, the resumed run must not replace
+    the better best.pt with a worse model."""
+    run = tmp_path / "r"
+    assert run_train(run, "--set", "train.iterations=2") == 0
+    best = load_checkpoint(run / "best.pt")
+    best["best_val"] = -1e9  # stands for a better model validated after checkpoint.pt
+    save_checkpoint(best, run / "best.pt")
+    assert run_train(run, "--set", "train.iterations=4", "--resume") == 0
+    kept = load_checkpoint(run / "best.pt")
+    assert kept["step"] == 2 and kept["best_val"] == -1e9
+    assert load_checkpoint(run / "checkpoint.pt")["best_val"] == -1e9
+
+    (run / "best.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert run_train(run, "--set", "train.iterations=6", "--resume") == 0
+    assert "warning: ignoring" in capsys.readouterr().err
+    assert load_checkpoint(run / "best.pt")["step"] == 6  # replaced at the next validation
 
 
 def test_resume_refuses_a_changed_architecture(tmp_path, capsys):
