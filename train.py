@@ -32,7 +32,7 @@ from cnf.evaluate import evaluate
 from cnf.flow import standard_normal_log_prob
 from cnf.images import sample_grid
 from cnf.solver import solver_failure
-from pruning.gates import gate_histograms
+from pruning.gates import flow_gates, gate_histograms
 from pruning.tracking import regularization_terms, sparsity_scalars
 
 # Sections that define the model: a resumed run must not change them.
@@ -140,7 +140,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     # Ranks draw their own probes and gate samples, reproducibly from the seed.
     torch.manual_seed(config.seed + 7919 * ctx.rank)
     step_model = distributed.wrap(model, ctx)  # DistributedDataParallel under torchrun
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, tc)
     ema = ParameterAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     step, best_val, bad_steps, skipped, stale = 0, math.inf, 0, 0, 0
@@ -148,7 +148,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         try:
             # with averaging on, "model" holds the averaged weights and "training_model" the iterate
             model.load_state_dict(saved.get("training_model", saved["model"]))
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer.load_state_dict(regroup_optimizer_state(saved["optimizer"], optimizer, model))
             if ema is not None:  # a run that did not average so far starts averaging its iterate
                 ema.load(saved["model"], saved["ema_updates"] if "training_model" in saved else 0)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -353,6 +353,37 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
 def evaluation_weights(model, ema: ParameterAverage | None):
     """The weights to evaluate and sample with: the average if there is one."""
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
+def make_optimizer(model, tc) -> torch.optim.Adam:
+    """Adam with ``train.weight_decay`` on the weights; gate locations ``log α`` get
+    none (as in Louizos et al.: the L0 penalty is what acts on them, and decay would
+    pull every gate towards q = 0.83 and an eval gate of 0.5)."""
+    gate_ids = {id(p) for gates in flow_gates(model).values() for p in gates.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    gates = [p for p in model.parameters() if id(p) in gate_ids]
+    groups = [{"params": weights}] + ([{"params": gates, "weight_decay": 0.0}] if gates else [])
+    return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def regroup_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, model) -> dict:
+    """A one-group optimizer state of a gated model (written before gates had a group
+    of their own, in ``model.parameters()`` order) rearranged into ``optimizer``'s
+    groups; any other state is returned as it is."""
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) == 1:
+        return state
+    old_index = {id(p): i for i, p in enumerate(model.parameters())}
+    if len(state["param_groups"][0]["params"]) != len(old_index):
+        return state  # load_state_dict reports the mismatch
+    groups, moments, position = [], {}, 0
+    for group in optimizer.param_groups:
+        params = list(range(position, position + len(group["params"])))
+        groups.append({**state["param_groups"][0], "weight_decay": group["weight_decay"], "params": params})
+        for new, p in zip(params, group["params"]):
+            if old_index[id(p)] in state["state"]:
+                moments[new] = state["state"][old_index[id(p)]]
+        position += len(group["params"])
+    return {"state": moments, "param_groups": groups}
 
 
 def saved_best_val(path: Path) -> float:

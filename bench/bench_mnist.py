@@ -28,7 +28,7 @@ from build import build_model  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import report_user_errors  # noqa: E402
-from train import training_loss  # noqa: E402  (the loss train.py optimizes, penalties included)
+from train import make_optimizer, training_loss  # noqa: E402  (what train.py optimizes, and how)
 
 
 def bench(config_path: str, overrides: list[str], device: torch.device, iterations: int, warmup: int) -> None:
@@ -36,7 +36,7 @@ def bench(config_path: str, overrides: list[str], device: torch.device, iteratio
     torch.manual_seed(config.seed)
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    opt = make_optimizer(model, config.train)
     params = sum(p.numel() for p in model.parameters())
     blocks = len(model.blocks)
     print(f"{config_path} on {device}: {blocks} blocks, {params} parameters, batch {config.train.batch_size}, "

@@ -25,7 +25,7 @@ from build import build_model  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.evaluate import evaluate  # noqa: E402
-from train import training_loss  # noqa: E402  (the loss train.py optimizes, penalties included)
+from train import make_optimizer, training_loss  # noqa: E402  (what train.py optimizes, and how)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(config.seed)
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape)
-    opt = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    opt = make_optimizer(model, config.train)
     print(f"config {args.config} {' '.join(args.overrides)}; torch threads {torch.get_num_threads()}")
     print(f"{'iters':>11} {'s/iter':>8} {'NFE fwd':>8} {'NFE bwd':>8} {'ms/NFE':>7} {'train NLL':>9}")
     total_time = total_nfe_f = total_nfe_b = 0.0

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -190,3 +191,60 @@ def test_bad_settings_are_config_errors(key, value, match):
 def test_bad_gate_arguments_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         HardConcreteGates({"w": (2, 2)}, **kwargs)
+
+
+def test_weight_decay_leaves_gate_locations_alone():
+    """Adam's L2 decay acts on the weights only: with a zero loss, one step moves every
+    decayed weight and no log α."""
+    import train
+    from cnf.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(gated_config(), (2,))
+    gate_params = {id(p) for g in model.blocks for p in g.gates.parameters()}
+    optimizer = train.make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    sum(0.0 * p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    for p, old in zip(model.parameters(), before):
+        if id(p) in gate_params:
+            assert torch.equal(p, old)
+        elif old.abs().min() > 0:
+            assert (p != old).all()
+    assert gate_params and len(optimizer.param_groups) == 2
+
+
+def test_a_one_group_optimizer_state_of_a_gated_model_resumes_in_two_groups():
+    """Checkpoints written before gates had their own group: Adam's moments follow
+    their parameters, and the next step is the one the old optimizer would take."""
+    import train
+    from cnf.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(gated_config(), (2,))
+    old = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 2)
+    for _ in range(3):
+        old.zero_grad()
+        model.trace(x).logabsdet.mean().backward()
+        old.step()
+    state = copy.deepcopy(old.state_dict())  # not the live moments, which old.step() updates
+    new = train.make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    new.load_state_dict(train.regroup_optimizer_state(state, new, model))
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(new.state[p][key], old.state[p][key])
+    loss = model.trace(x).logabsdet.mean()
+    for opt in (old, new):
+        opt.zero_grad()
+    loss.backward()
+    start = [p.detach().clone() for p in model.parameters()]
+    old.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    new.step()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.equal(p, e)
