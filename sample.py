@@ -90,7 +90,7 @@ def sample(args: argparse.Namespace) -> int:
     solves = -(-args.n // args.batch_size)
     per = f"{seconds / args.n:.4f} s per image" if image else f"{1e3 * seconds / args.n:.3f} ms per sample"
     print(f"wrote {args.n} samples to {out}; NFE {nfe / solves:.0f} per batch, summed over blocks "
-          f"({solves} batches); {seconds:.2f} s ({per})")
+          f"({solves} batch{'' if solves == 1 else 'es'}); {seconds:.2f} s ({per})")
     return 0
 
 
