@@ -69,7 +69,7 @@ def sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for begin in range(0, args.n, args.batch_size):
             z = model.base_noise(min(args.batch_size, args.n - begin), temperature=args.temperature)
-            trace = model.trace(z, reverse=True)
+            trace = model.trace(z, reverse=True, density=False)
             chunks.append(trace.out.cpu())
             nfe += trace.nfe_forward
     seconds = time.perf_counter() - start

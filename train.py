@@ -451,7 +451,8 @@ def two_d_figure(model, data):
     model.eval()
     with torch.no_grad():
         density = density_grid(model)
-        samples = model.inverse(model.base_noise(2000, generator=torch.Generator().manual_seed(0)))[0]
+        noise = model.base_noise(2000, generator=torch.Generator().manual_seed(0))
+        samples = model.trace(noise, reverse=True, density=False).out
     model.train()
     return flow_figure(density, samples, data.val)
 

@@ -95,7 +95,7 @@ def draw(model, n: int, temperature: float, alpha: float, seed: int, batch_size:
     chunks = []
     for start in range(0, n, batch_size):
         z = model.base_noise(min(batch_size, n - start), temperature=temperature)
-        chunks.append(logit_inverse(model.trace(z, reverse=True).out, alpha).clamp(0.0, 1.0))
+        chunks.append(logit_inverse(model.trace(z, reverse=True, density=False).out, alpha).clamp(0.0, 1.0))
     return torch.cat(chunks)
 
 

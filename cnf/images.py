@@ -200,7 +200,7 @@ def sample_grid(flow: Flow, noise: Tensor, alpha: float, nrow: int | None = None
     was_training = flow.training
     flow.eval()
     try:
-        x = flow.inverse(noise)[0]
+        x = flow.trace(noise, reverse=True, density=False).out
     finally:
         flow.train(was_training)
     pixels = logit_inverse(x, alpha).clamp(0.0, 1.0).cpu()

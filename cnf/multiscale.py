@@ -78,9 +78,10 @@ def scale_shapes(event_shape: Sequence[int], scales: int) -> list[tuple[tuple[in
 class _Totals:
     """Running sums of the per-block measurements of one pass."""
 
-    def __init__(self, x: Tensor) -> None:
-        self.logabsdet = x.new_zeros(x.shape[0])
-        self.jac_norm = x.new_zeros(x.shape[0])
+    def __init__(self, x: Tensor, density: bool) -> None:
+        self.density = density
+        self.logabsdet: Tensor | None = x.new_zeros(x.shape[0]) if density else None
+        self.jac_norm: Tensor | None = x.new_zeros(x.shape[0]) if density else None
         self.kinetic: Tensor | None = None
         self.jac_frobenius: Tensor | None = None
         self.counters: list[NFECounter] = []
@@ -88,12 +89,12 @@ class _Totals:
     def run(self, flow: Flow, indices: range, x: Tensor, reverse: bool) -> Tensor:
         for index in reversed(indices) if reverse else indices:
             try:
-                o = flow.blocks[index](x, reverse=reverse)
+                o = flow.blocks[index](x, reverse=reverse, density=self.density)
             except SolverError as exc:
                 raise SolverError(f"block {index}: {exc}") from exc
             x = o.z
-            self.logabsdet = self.logabsdet + o.logabsdet
-            self.jac_norm = self.jac_norm + o.jac_norm
+            self.logabsdet = _add(self.logabsdet, o.logabsdet)
+            self.jac_norm = _add(self.jac_norm, o.jac_norm)
             self.kinetic = _add(self.kinetic, o.kinetic)
             self.jac_frobenius = _add(self.jac_frobenius, o.jac_frobenius)
             self.counters.append(o.nfe)
@@ -123,12 +124,13 @@ class MultiscaleFlow(Flow):
         super().__init__(flat, event_shape)
         self._ranges = ranges
 
-    def trace(self, x: Tensor, *, reverse: bool = False) -> FlowTrace:
+    def trace(self, x: Tensor, *, reverse: bool = False, density: bool = True) -> FlowTrace:
         """Push ``x`` through all scales (data -> latent, or latent -> data if ``reverse``).
 
-        ``logabsdet`` is ``log|det ∂out/∂x|`` of the whole map; ``out`` has ``x``'s shape.
+        ``logabsdet`` is ``log|det ∂out/∂x|`` of the whole map; ``out`` has ``x``'s
+        shape. ``density=False`` as in :meth:`Flow.trace`.
         """
-        totals = _Totals(x)
+        totals = _Totals(x, density)
         out = self._inverse(x, 0, totals) if reverse else self._forward(x, 0, totals)
         return FlowTrace(out, totals.logabsdet, totals.jac_norm, totals.kinetic, totals.jac_frobenius, totals.counters)
 

@@ -98,6 +98,39 @@ def test_nfe_counts_match_vector_field_calls():
     assert trace.nfe_forward == before
 
 
+@pytest.mark.parametrize("divergence", [Exact(), Hutchinson("rademacher")])
+def test_sampling_without_density_takes_the_same_path_without_tangents(divergence):
+    """``density=False`` integrates z alone: with a fixed-step solver the result is
+    the full solve's z, the field never sees a tangent, and nothing else is made."""
+    torch.manual_seed(0)
+    field = MLPField(2, [8, 8], nonlinearity="tanh")
+    flow = Flow([CNFBlock(field, end_time=0.7, divergence=divergence,
+                          solver=Solver(method="rk4", step_size=0.1, adjoint=False))], (2,))
+    z = torch.randn(16, 2)
+    full = flow.trace(z, reverse=True)
+    seen, inner = [], field.forward
+
+    def recording(t, x, tangents=None, weights=None):
+        seen.append(tangents)
+        return inner(t, x, tangents, weights)
+
+    field.forward = recording
+    light = flow.trace(z, reverse=True, density=False)
+    torch.testing.assert_close(light.out, full.out, rtol=0, atol=1e-6)
+    assert light.nfe_forward == full.nfe_forward == len(seen) == 28 and all(v is None for v in seen)
+    assert light.logabsdet is None and light.jac_norm is None and light.kinetic is None
+    assert flow.sample(16, temperature=0.5).shape == (16, 2)
+
+
+def test_adaptive_sampling_without_density_lands_within_tolerance(a_matrix):
+    """With dopri5 only z controls the steps; the end point is still exp(-T A) z."""
+    T = 0.8
+    flow = linear_flow(a_matrix, T, solver=Solver(method="dopri5", rtol=1e-8, atol=1e-8, adjoint=False))
+    z = torch.randn(5, 3, dtype=torch.float64)
+    x = flow.trace(z, reverse=True, density=False).out
+    torch.testing.assert_close(x, z @ torch.linalg.matrix_exp(-T * a_matrix).T, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("adjoint", [True, False])
 def test_every_parameter_receives_a_gradient(adjoint):
     torch.manual_seed(0)

@@ -118,6 +118,16 @@ def test_multiscale_sample_then_log_prob_round_trip(float64):
     torch.testing.assert_close(flow.log_prob(x), standard_normal_log_prob(z) - logdet_inverse, rtol=1e-6, atol=1e-6)
 
 
+def test_multiscale_sampling_without_density_matches_the_full_inverse():
+    torch.manual_seed(2)
+    flow = build_flow(image_config("model.scales=2", "model.divergence=hutchinson",
+                                   "solver.method=rk4", "solver.step_size=0.25"), (1, 4, 4)).eval()
+    z = flow.base_noise(3)
+    light = flow.trace(z, reverse=True, density=False)
+    torch.testing.assert_close(light.out, flow.inverse(z)[0], rtol=0, atol=1e-6)
+    assert light.logabsdet is None and len(light.counters) == 3 and light.nfe_forward == 3 * 8
+
+
 # --- logit transform and bits per dimension --------------------------------------
 
 
