@@ -174,6 +174,17 @@ def test_sample_rejects_bad_arguments(tmp_path, good_run, capsys):
     one_line_error(capsys, r"output directory .* does not exist")
     assert sample.main([str(good_run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--n", "0"]) == 2
     one_line_error(capsys, r"must be positive")
+    assert sample.main([str(good_run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--tol", "0"]) == 2
+    one_line_error(capsys, r"--tol must be positive")
+
+
+def test_sample_tol_needs_an_adaptive_solver(tmp_path, capsys):
+    assert train.main(train_case(tmp_path, "--set", "solver.method=rk4", "--set", "solver.step_size=0.25")) == 0
+    run = tmp_path / "new"
+    capsys.readouterr()
+    assert sample.main([str(run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--tol", "1e-6"]) == 2
+    one_line_error(capsys, r"--tol needs an adaptive solver; this checkpoint samples with rk4 \(step_size=0.25\)")
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_python_api_rejects_bad_arguments():

@@ -1,5 +1,7 @@
 """End-to-end: train.py and sample.py through their ``main`` entry points."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,25 @@ def test_train_resume_sample(tmp_path, capsys):
     assert sample.main([str(out / "best.pt"), "--out", str(tmp_path / "s.png"), "--n", "50"]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert "NFE" in capsys.readouterr().out
+
+
+def test_sample_tol_sets_the_accuracy_of_the_samples(tmp_path, capsys):
+    """Samples integrate z alone; --tol is the adaptive solver's rtol = atol, so a
+    tighter one costs more evaluations and lands closer to a near-exact solve."""
+    out = tmp_path / "run"
+    assert run_train(out, "--set", "train.iterations=30") == 0
+    capsys.readouterr()
+
+    def draw(tol):
+        assert sample.main([str(out / "best.pt"), "--out", str(tmp_path / "s.npy"), "--n", "300",
+                            "--tol", tol]) == 0
+        nfe = int(re.search(r"NFE (\d+) per batch", capsys.readouterr().out).group(1))
+        return np.load(tmp_path / "s.npy"), nfe
+
+    exact, _ = draw("1e-10")
+    (loose, nfe_loose), (tight, nfe_tight) = draw("1e-3"), draw("1e-7")
+    assert nfe_tight > nfe_loose
+    assert np.abs(tight - exact).max() < 5e-5 < np.abs(loose - exact).max()  # measured 6e-6 and 3e-4
 
 
 def test_resume_continues_exactly(tmp_path):
