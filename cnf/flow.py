@@ -61,6 +61,37 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1)
 
 
+class PassTotals:
+    """Running sums of the per-block measurements of one pass through a flow."""
+
+    def __init__(self, x: Tensor, density: bool) -> None:
+        self.density = density
+        self.logabsdet: Tensor | None = x.new_zeros(x.shape[0]) if density else None
+        self.jac_norm: Tensor | None = x.new_zeros(x.shape[0]) if density else None
+        self.kinetic: Tensor | None = None
+        self.jac_frobenius: Tensor | None = None
+        self.counters: list[NFECounter] = []
+
+    def run(self, flow: Flow, indices: range, x: Tensor, reverse: bool) -> Tensor:
+        """Push ``x`` through ``flow.blocks[i]`` for ``i`` in ``indices`` (backwards
+        if ``reverse``), adding up what each block measured."""
+        for index in reversed(indices) if reverse else indices:
+            try:
+                o = flow.blocks[index](x, reverse=reverse, density=self.density)
+            except SolverError as exc:
+                raise SolverError(f"block {index}: {exc}") from exc
+            x = o.z
+            self.logabsdet = _add(self.logabsdet, o.logabsdet)
+            self.jac_norm = _add(self.jac_norm, o.jac_norm)
+            self.kinetic = _add(self.kinetic, o.kinetic)
+            self.jac_frobenius = _add(self.jac_frobenius, o.jac_frobenius)
+            self.counters.append(o.nfe)
+        return x
+
+    def trace(self, out: Tensor) -> FlowTrace:
+        return FlowTrace(out, self.logabsdet, self.jac_norm, self.kinetic, self.jac_frobenius, self.counters)
+
+
 class Flow(nn.Module):
     """A stack of :class:`CNFBlock` with a standard normal base on ``event_shape``."""
 
@@ -76,24 +107,8 @@ class Flow(nn.Module):
         integrates the states alone (``logabsdet`` and ``jac_norm`` are ``None``):
         the same ``out`` for a fixed-step solver, at a fraction of the cost.
         """
-        blocks = list(enumerate(self.blocks))
-        if reverse:
-            blocks.reverse()
-        logabsdet = jac_norm = x.new_zeros(x.shape[0]) if density else None
-        kinetic = jac_frobenius = None
-        counters = []
-        for index, block in blocks:
-            try:
-                o = block(x, reverse=reverse, density=density)
-            except SolverError as exc:
-                raise SolverError(f"block {index}: {exc}") from exc
-            x = o.z
-            logabsdet = _add(logabsdet, o.logabsdet)
-            jac_norm = _add(jac_norm, o.jac_norm)
-            kinetic = _add(kinetic, o.kinetic)
-            jac_frobenius = _add(jac_frobenius, o.jac_frobenius)
-            counters.append(o.nfe)
-        return FlowTrace(x, logabsdet, jac_norm, kinetic, jac_frobenius, counters)
+        totals = PassTotals(x, density)
+        return totals.trace(totals.run(self, range(len(self.blocks)), x, reverse))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, log|det ∂z/∂x|)``."""

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cnf.errors import ConfigError, SolverError
-from cnf.flow import Flow, FlowTrace, _add
-from cnf.odeblock import CNFBlock, NFECounter
+from cnf.errors import ConfigError
+from cnf.flow import Flow, FlowTrace, PassTotals
+from cnf.odeblock import CNFBlock
 
 
 def squeeze(x: Tensor) -> Tensor:
@@ -75,32 +75,6 @@ def scale_shapes(event_shape: Sequence[int], scales: int) -> list[tuple[tuple[in
     return shapes
 
 
-class _Totals:
-    """Running sums of the per-block measurements of one pass."""
-
-    def __init__(self, x: Tensor, density: bool) -> None:
-        self.density = density
-        self.logabsdet: Tensor | None = x.new_zeros(x.shape[0]) if density else None
-        self.jac_norm: Tensor | None = x.new_zeros(x.shape[0]) if density else None
-        self.kinetic: Tensor | None = None
-        self.jac_frobenius: Tensor | None = None
-        self.counters: list[NFECounter] = []
-
-    def run(self, flow: Flow, indices: range, x: Tensor, reverse: bool) -> Tensor:
-        for index in reversed(indices) if reverse else indices:
-            try:
-                o = flow.blocks[index](x, reverse=reverse, density=self.density)
-            except SolverError as exc:
-                raise SolverError(f"block {index}: {exc}") from exc
-            x = o.z
-            self.logabsdet = _add(self.logabsdet, o.logabsdet)
-            self.jac_norm = _add(self.jac_norm, o.jac_norm)
-            self.kinetic = _add(self.kinetic, o.kinetic)
-            self.jac_frobenius = _add(self.jac_frobenius, o.jac_frobenius)
-            self.counters.append(o.nfe)
-        return x
-
-
 class MultiscaleFlow(Flow):
     """A multiscale stack of :class:`CNFBlock` over a standard normal on ``event_shape``.
 
@@ -130,11 +104,10 @@ class MultiscaleFlow(Flow):
         ``logabsdet`` is ``log|det ∂out/∂x|`` of the whole map; ``out`` has ``x``'s
         shape. ``density=False`` as in :meth:`Flow.trace`.
         """
-        totals = _Totals(x, density)
-        out = self._inverse(x, 0, totals) if reverse else self._forward(x, 0, totals)
-        return FlowTrace(out, totals.logabsdet, totals.jac_norm, totals.kinetic, totals.jac_frobenius, totals.counters)
+        totals = PassTotals(x, density)
+        return totals.trace(self._inverse(x, 0, totals) if reverse else self._forward(x, 0, totals))
 
-    def _forward(self, x: Tensor, scale: int, totals: _Totals) -> Tensor:
+    def _forward(self, x: Tensor, scale: int, totals: PassTotals) -> Tensor:
         before, after = self._ranges[scale]
         x = totals.run(self, before, x, reverse=False)
         if scale == len(self._ranges) - 1:
@@ -143,7 +116,7 @@ class MultiscaleFlow(Flow):
         kept, factored = x.chunk(2, dim=1)
         return unsqueeze(torch.cat([self._forward(kept, scale + 1, totals), factored], dim=1))
 
-    def _inverse(self, z: Tensor, scale: int, totals: _Totals) -> Tensor:
+    def _inverse(self, z: Tensor, scale: int, totals: PassTotals) -> Tensor:
         before, after = self._ranges[scale]
         if scale < len(self._ranges) - 1:
             kept, factored = squeeze(z).chunk(2, dim=1)
