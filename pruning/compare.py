@@ -191,8 +191,10 @@ def load_comparison(path: str | Path, overrides: Sequence[str] = ()) -> Comparis
             sparsity = load_config(base_path, [*common, *extra_set]).pruning.sparsity
             runs.append(RunSpec(run["label"], sparsity, seed, extra_set))
     names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise ConfigError("two runs would share a directory: make the run labels unique")
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ConfigError(f"two runs would share the directory {clashes[0]}: make the run labels "
+                          "(and seeds) unique")
     threads = spec.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer or absent (got {threads!r})")
@@ -253,7 +255,9 @@ def train_run(comparison: Comparison, run: RunSpec, out: Path, log: Callable[[st
             signal.signal(s, h)
     seconds = status.get("wall_seconds", 0.0) + time.perf_counter() - start
     if run_dir.is_dir():
-        _write_status(run_dir, "done" if code == 0 else "unfinished", seconds, code)
+        # a signal (exit > 128) leaves a checkpoint to resume: the run is not finished, nor failed
+        state = "done" if code == 0 else "interrupted" if code > 128 else "unfinished"
+        _write_status(run_dir, state, seconds, code)
     return code
 
 
@@ -274,8 +278,9 @@ def read_run(run: RunSpec, out: Path) -> RunResult:
     run_dir = out / run.name
     status = _status(run_dir)
     result = RunResult(run, status.get("status", "missing"), status.get("wall_seconds", math.nan))
-    if result.status != "done":
+    if result.status not in ("done", "missing", "interrupted"):
         result.status = f"failed (exit {status['exit_code']})" if "exit_code" in status else result.status
+    if result.status != "done":
         return result
     scalars = _scalars(run_dir)
 
@@ -509,7 +514,7 @@ def compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
     results = [read_run(run, out) for run in comparison.runs]
-    waiting = [r.spec.name for r in results if r.status == "missing"]
+    waiting = [r.spec.name for r in results if r.status in ("missing", "interrupted")]
     if args.only and waiting:
         print(f"trained the runs matching --only; still to finish: {', '.join(waiting)}. The tables are written "
               f"when the command runs after all of them have finished (it skips finished runs)")

@@ -67,6 +67,7 @@ def test_tiny_comparison_writes_tables_and_figures_and_resumes(tmp_path):
         ({"methods": ["dense"], "seed": [0]}, "unknown key 'seed'"),
         ({"methods": ["dense"], "runs": [{"label": "random", "set": []}]}, "not a method name"),
         ({"methods": ["dense"], "runs": [{"label": "x", "set": ["model.width=3"]}]}, "unknown config key"),
+        ({"methods": ["dense"], "seeds": [0, 0]}, "share the directory dense_s0_seed0"),
     ],
 )
 def test_bad_comparison_files_are_clear_errors(tmp_path, spec, message):
@@ -99,3 +100,30 @@ def test_only_trains_the_matching_runs_and_tables_wait_for_the_rest(tmp_path, ca
 
     assert compare.main([str(spec), "--out", str(out), "--only", "snip_*"]) == 2  # matches nothing
     assert "matches none of the planned runs" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_is_waited_for_not_reported_as_failed(tmp_path, capsys, monkeypatch):
+    """A run stopped by a signal resumes on the next call; the tables wait for it."""
+    import train
+
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": TINY}, "methods": ["dense", "random"], "sparsities": [0.5], "threads": 1,
+    })
+    out = tmp_path / "out"
+    real_main = train.main
+
+    def interrupted(args):
+        Path(args[args.index("--out") + 1]).mkdir(parents=True)
+        return 130  # what train.main returns after Ctrl-C
+
+    monkeypatch.setattr(train, "main", interrupted)
+    assert compare.main([str(spec), "--out", str(out), "--only", "dense_*"]) == 130
+    assert json.loads((out / "dense_s0_seed0" / "compare.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(train, "main", real_main)
+    capsys.readouterr()
+    assert compare.main([str(spec), "--out", str(out), "--only", "random_*"]) == 0
+    assert "still to finish: dense_s0_seed0" in capsys.readouterr().out
+    assert not (out / "results.md").exists()
+    assert compare.main([str(spec), "--out", str(out), "--only", "dense_*"]) == 0
+    with open(out / "runs.csv") as f:
+        assert {r["status"] for r in csv.DictReader(f)} == {"done"}
