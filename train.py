@@ -124,6 +124,10 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
             print(f"the run already reached train.iterations={config.train.iterations} "
                   f"(step {saved['step']}): only the test evaluation runs; raise train.iterations "
                   "to train further", file=sys.stderr)
+        elif stopped_early(config.train, saved["stale_validations"]) and ctx.main:
+            print(f"the run stopped early at step {saved['step']} (no better validation NLL in "
+                  f"{saved['stale_validations']} validations): only the test evaluation runs; raise "
+                  "train.early_stopping (0: off) to train further", file=sys.stderr)
     if ctx.main:
         save_config(config, out / "config.yaml")
     device = ctx.device
@@ -163,7 +167,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         set_rng_state(rng[ctx.rank])
         step, best_val, skipped = saved["step"], saved["best_val"], saved["skipped_steps"]
         stale = saved["stale_validations"]
-        if ctx.main:  # best.pt may be ahead of checkpoint.pt (or gone): compare with what is on disk
+        if ctx.main and step < tc.iterations and not stopped_early(tc, stale):
+            # best.pt may be ahead of checkpoint.pt (or gone): compare with what is on disk
             best_val = saved_best_val(out / "best.pt")
 
     def checkpoint(path: Path, rng: list | None = None) -> None:
@@ -198,13 +203,14 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
 
     # Image runs log samples from the same base noise at every validation.
     fixed_noise = model.base_noise(64, generator=torch.Generator().manual_seed(config.seed))
-    # the checkpoint at `step` was written after that step's events: purge only later ones
-    writer = SummaryWriter(str(out), purge_step=step + 1 if step > 0 else None) if ctx.main else None
+    # The checkpoint at `step` was written after that step's events: purge only later
+    # ones. A fresh run purges all, in case a killed run left events in `out`.
+    writer = SummaryWriter(str(out), purge_step=step + 1 if step > 0 else 0) if ctx.main else None
     bar = tqdm(total=tc.iterations, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=not ctx.main)
     recent_nll: list[float] = []  # logged training NLLs since the last validation
     model.train()
-    while step < tc.iterations:
+    while step < tc.iterations and not stopped_early(tc, stale):
         # --- one optimization step ---------------------------------------------
         start = time.perf_counter()
         x = distributed.shard(data.train_batch(tc.batch_size), ctx).to(device)
@@ -232,10 +238,11 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
             if writer is not None:
                 writer.add_scalar("train/skipped_steps", skipped, step)
             if bad_steps >= tc.max_bad_steps:
+                then = ("the last good checkpoint is kept. {} then --resume" if (out / "checkpoint.pt").is_file()
+                        else "no checkpoint was written yet. {} then run again without --resume")
                 raise TrainingError(
-                    f"{bad_steps} steps in a row had a NaN/inf loss or gradient (step {step}); "
-                    "the last good checkpoint is kept. Lower train.lr, set train.grad_clip, "
-                    "or tighten the solver tolerances, then --resume"
+                    f"{bad_steps} steps in a row had a NaN/inf loss or gradient (step {step}); " + then.format(
+                        "Lower train.lr, set train.grad_clip, or tighten the solver tolerances,")
                 )
             continue
         bad_steps = 0
@@ -297,7 +304,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
             if val.nll < best_val:
                 best_val = val.nll
                 checkpoint(out / "best.pt", rng=[rng_state()])
-        early_stop = distributed.broadcast_object(tc.early_stopping > 0 and stale >= tc.early_stopping, ctx) \
+        early_stop = distributed.broadcast_object(stopped_early(tc, stale), ctx) \
             if step % tc.val_every == 0 or last else False
         stop_now = distributed.any_rank(stop["signal"] is not None, ctx)
         if step % tc.checkpoint_every == 0 or last or early_stop or stop_now:
@@ -332,9 +339,9 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
         return 0
 
     # --- final test evaluation with the best model --------------------------------
-    best = load_checkpoint(out / "best.pt", map_location=device) if (out / "best.pt").is_file() else None
+    best = best_model_state(out / "best.pt", device, step)
     if best is not None:
-        model.load_state_dict(best["model"])  # already averaged when ema_decay > 0
+        model.load_state_dict(best)  # already averaged when ema_decay > 0
         ema = None
     with evaluation_weights(model, ema):
         test = evaluate(model, data.test, batch_size=tc.val_batch_size, preprocess=data.preprocess)
@@ -345,7 +352,8 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     writer.add_scalar("test/nfe", test.nfe, step)
     writer.close()
     derived = "".join(f", {k} {v:.4f}" for k, v in data.metrics(test.nll).items())
-    print(f"done: {step} steps; best val NLL {best_val:.4f}; test NLL {test.nll:.4f}{derived} "
+    validated = f"best val NLL {best_val:.4f}" if best is not None else f"model of step {step}"
+    print(f"done: {step} steps; {validated}; test NLL {test.nll:.4f}{derived} "
           f"(R {test.jac_norm:.3f}, NFE {test.nfe:.0f}) -> {out}")
     return 0
 
@@ -397,6 +405,26 @@ def saved_best_val(path: Path) -> float:
         print(f"warning: ignoring {path} ({str(exc).splitlines()[0]}); the next best "
               "validation replaces it", file=sys.stderr)
         return math.inf
+
+
+def best_model_state(path: Path, device: torch.device, step: int) -> dict | None:
+    """The model state of ``best.pt`` for the test, or ``None`` (with a warning) when
+    it is missing or unreadable, so that the test uses the model of ``step``."""
+    try:
+        state = load_checkpoint(path, map_location=device)["model"] if path.is_file() else None
+    except (CheckpointError, KeyError, TypeError) as exc:
+        print(f"warning: cannot read {path} ({str(exc).splitlines()[0]}); testing the model of "
+              f"step {step} instead", file=sys.stderr)
+        return None
+    if state is None:
+        print(f"warning: there is no {path} (no finite validation NLL); testing the model of "
+              f"step {step} instead", file=sys.stderr)
+    return state
+
+
+def stopped_early(tc, stale: int) -> bool:
+    """Whether ``stale`` validations without improvement end the run (``train.early_stopping``)."""
+    return tc.early_stopping > 0 and stale >= tc.early_stopping
 
 
 def learning_rate(tc, step: int) -> float:

@@ -92,3 +92,27 @@ def test_nan_losses_are_skipped_then_stop_cleanly(tmp_path, monkeypatch, capsys)
     assert "3 steps in a row had a NaN/inf loss" in err
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nan_losses_before_any_checkpoint_say_to_rerun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ToyData, "train_batch", lambda self, n: torch.full((n, 2), float("nan")))
+    out = tmp_path / "run"
+    code = train.main([*ARGS, "--set", "train.iterations=50", "--set", "train.max_bad_steps=3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 6 and not (out / "checkpoint.pt").exists()
+    assert "no checkpoint was written yet" in err and "run again without --resume" in err
+
+
+def test_a_fresh_run_drops_the_events_of_a_killed_one(tmp_path):
+    """A run killed before its first checkpoint leaves events behind; the rerun starts
+    from scratch, and TensorBoard (and the comparison tables) must see its curves only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    quick = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=1000", "--set", "train.val_every=3"]
+    assert train.main([*ARGS, *quick, "--set", "train.iterations=6", "--out", str(out)]) == 0
+    (out / "checkpoint.pt").unlink()  # as if killed before its first checkpoint
+    assert train.main([*ARGS, *quick, "--set", "train.iterations=4", "--out", str(out)]) == 0
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/nll")] == [1, 2, 3, 4]

@@ -1,5 +1,6 @@
 """End-to-end: train.py and sample.py through their ``main`` entry points."""
 
+import os
 import re
 
 import numpy as np
@@ -132,6 +133,22 @@ def test_resume_keeps_a_best_pt_that_is_ahead_of_checkpoint_pt(tmp_path, capsys)
     assert load_checkpoint(run / "best.pt")["step"] == 6  # replaced at the next validation
 
 
+def test_a_finished_run_without_a_readable_best_pt_tests_its_last_model(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_train(run) == 0
+    (run / "best.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert run_train(run, "--resume") == 0
+    captured = capsys.readouterr()
+    assert "cannot read" in captured.err and "testing the model of step 4 instead" in captured.err
+    assert "ignoring" not in captured.err  # no validation is left to replace it
+    assert "done: 4 steps; model of step 4; test NLL" in captured.out
+    (run / "best.pt").unlink()
+    assert run_train(run, "--resume") == 0
+    captured = capsys.readouterr()
+    assert f"there is no {run / 'best.pt'}" in captured.err and "best val NLL" not in captured.out
+
+
 def test_resume_refuses_a_changed_architecture(tmp_path, capsys):
     assert run_train(tmp_path / "r") == 0
     code = run_train(tmp_path / "r", "--resume", "--set", "model.hidden_dims=[8]")
@@ -202,6 +219,18 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, argv, match, code):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert __import__("re").search(match, err), err
+
+
+def test_checkpoints_get_the_permissions_of_an_ordinary_file(tmp_path):
+    """The atomic write goes through a private temporary file; the checkpoint it
+    becomes is readable as the umask allows, like config.yaml beside it."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
 
 
 def test_sample_refuses_bad_checkpoints(tmp_path, capsys):

@@ -85,4 +85,22 @@ def test_early_stopping_stops(tmp_path):
                        "--set", "train.early_stopping=2", "--set", "model.hidden_dims=[8]", "--set", "train.figures=false",
                        "--set", "data.val_size=100", "--set", "data.test_size=100"])
     assert code == 0
-    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] < 100
+    stopped = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"]
+    assert stopped < 100
+
+
+def test_resuming_an_early_stopped_run_only_evaluates_it(tmp_path, capsys):
+    args = ["configs/toy.yaml", "--out", str(tmp_path / "r"), "--set", "train.lr=1e-12",
+            "--set", "train.iterations=100", "--set", "train.val_every=1", "--set", "train.early_stopping=2",
+            "--set", "model.hidden_dims=[8]", "--set", "train.figures=false",
+            "--set", "data.val_size=100", "--set", "data.test_size=100"]
+    assert train.main(args) == 0
+    stopped = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"]
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"the run stopped early at step {stopped}" in captured.err and "test NLL" in captured.out
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == stopped
+    assert train.main([*args, "--resume", "--set", "train.early_stopping=0",
+                       "--set", f"train.iterations={stopped + 2}"]) == 0  # switched off: it trains on
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == stopped + 2
