@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from build import load_model
+from cnf.distributed import resolve_device
 from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
 from cnf.images import logit_inverse
@@ -64,8 +65,7 @@ def sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tol must be positive (got {args.tol})")
     if not out.parent.exists() or not out.parent.is_dir():
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device, "--device", "--device cpu")
     model, config, _ = load_model(args.checkpoint, map_location=device)
     if args.compact:
         from pruning.compact import compact

@@ -39,20 +39,30 @@ class Context:
         return self.rank == 0
 
 
+def resolve_device(name: str, option: str = "train.device", use_cpu: str = "--set train.device=cpu") -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` as a
+    device; a ConfigError naming ``option`` (and how to ``use_cpu``) otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option} {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option} is {name} but no GPU is available; use {use_cpu}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{option} is {name} but there are {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def setup(device_name: str) -> Context:
     """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1):
     NCCL on GPUs, Gloo on CPUs. ``device_name`` is ``train.device`` (auto, cpu, cuda)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no GPU is available; use --set train.device=cpu")
+    device = resolve_device(device_name)
     if world == 1:
-        if device_name == "auto":
-            return Context(device=torch.device("cuda" if use_cuda else "cpu"))
-        try:
-            return Context(device=torch.device(device_name))
-        except RuntimeError:
-            raise ConfigError(f"train.device {device_name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+        return Context(device=device)
+    use_cuda = device.type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)

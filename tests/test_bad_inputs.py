@@ -176,6 +176,12 @@ def test_sample_rejects_bad_arguments(tmp_path, good_run, capsys):
     one_line_error(capsys, r"must be positive")
     assert sample.main([str(good_run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--tol", "0"]) == 2
     one_line_error(capsys, r"--tol must be positive")
+    assert sample.main([str(good_run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--device", "gpu"]) == 2
+    one_line_error(capsys, r"--device 'gpu' is not a device \(auto, cpu, cuda")
+    if not torch.cuda.is_available():
+        assert sample.main([str(good_run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--device", "cuda"]) == 2
+        one_line_error(capsys, r"--device is cuda but no GPU is available; use --device cpu")
+    assert not (tmp_path / "s.npy").exists()
 
 
 def test_sample_tol_needs_an_adaptive_solver(tmp_path, capsys):
