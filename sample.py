@@ -1,6 +1,6 @@
 """Draw samples from a trained flow.
 
-    python sample.py CHECKPOINT --out PATH [--n N] [--temperature T] [--seed S] [--tol TOL] [--compact]
+    python sample.py CHECKPOINT --out PATH [--n N] [--temperature T] [--seed S] [--tol TOL] [--device D] [--compact]
 
 PATH ending in ``.npy`` or ``.pt`` gets the raw samples; ``.png`` gets a figure
 (2-D data: model density and samples; images: a grid of the samples). Samples of
