@@ -246,11 +246,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
                 )
             continue
         bad_steps = 0
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(tc, step)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
+        apply_update(model, optimizer, ema, tc, step)
         step += 1
         elapsed = time.perf_counter() - start
 
@@ -405,6 +401,16 @@ def saved_best_val(path: Path) -> float:
         print(f"warning: ignoring {path} ({str(exc).splitlines()[0]}); the next best "
               "validation replaces it", file=sys.stderr)
         return math.inf
+
+
+def apply_update(model, optimizer: torch.optim.Optimizer, ema: ParameterAverage | None, tc, step: int) -> None:
+    """The parameter update after a finite backward pass (gradients already clipped):
+    this step's learning rate, the optimizer step and the running average."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(tc, step)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
 
 
 def best_model_state(path: Path, device: torch.device, step: int) -> dict | None:

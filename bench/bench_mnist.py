@@ -24,19 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build import build_model  # noqa: E402
+from bench.harness import training_setup, training_step  # noqa: E402  (train.py's model and step)
 from cnf.config import load_config  # noqa: E402
-from cnf.data import make_data  # noqa: E402
-from cnf.errors import report_user_errors  # noqa: E402
-from train import make_optimizer, training_loss  # noqa: E402  (what train.py optimizes, and how)
+from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 
 
 def bench(config_path: str, overrides: list[str], device: torch.device, iterations: int, warmup: int) -> None:
     config = load_config(config_path, overrides)
-    torch.manual_seed(config.seed)
-    data = make_data(config.data, config.seed)
-    model = build_model(config, data.event_shape).to(device)
-    opt = make_optimizer(model, config.train)
+    data, model, opt, ema = training_setup(config, device)
     params = sum(p.numel() for p in model.parameters())
     blocks = len(model.blocks)
     print(f"{config_path} on {device}: {blocks} blocks, {params} parameters, batch {config.train.batch_size}, "
@@ -49,10 +44,7 @@ def bench(config_path: str, overrides: list[str], device: torch.device, iteratio
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        nll, loss, trace, _ = training_loss(model.trace, model, data, x, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        nll, trace = training_step(model, data, opt, ema, config, x, it)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if it >= warmup:
@@ -88,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_all(args: argparse.Namespace) -> int:
+    if args.iterations < 1 or args.warmup < 0:
+        raise ConfigError("--iterations must be positive and --warmup at least 0")
     if not args.no_cpu:
         bench(args.config, [*args.overrides, "train.device=cpu"], torch.device("cpu"), args.iterations, args.warmup)
     if torch.cuda.is_available() and not args.no_gpu:

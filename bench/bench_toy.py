@@ -13,6 +13,7 @@ machine at NFE about 26 forward / 25 backward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,14 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build import build_model  # noqa: E402
+from bench.harness import training_setup, training_step  # noqa: E402  (train.py's model and step)
 from cnf.config import load_config  # noqa: E402
-from cnf.data import make_data  # noqa: E402
+from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.evaluate import evaluate  # noqa: E402
-from train import make_optimizer, training_loss  # noqa: E402  (what train.py optimizes, and how)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/toy.yaml")
     p.add_argument("--iterations", type=int, default=1000)
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return report_user_errors(bench, args)
 
+
+def bench(args: argparse.Namespace) -> int:
+    if args.iterations < 1 or args.window < 1:
+        raise ConfigError("--iterations and --window must be positive")
     config = load_config(args.config, args.overrides)
-    torch.manual_seed(config.seed)
-    data = make_data(config.data, config.seed)
-    model = build_model(config, data.event_shape)
-    opt = make_optimizer(model, config.train)
+    data, model, opt, ema = training_setup(config, torch.device("cpu"))
     print(f"config {args.config} {' '.join(args.overrides)}; torch threads {torch.get_num_threads()}")
     print(f"{'iters':>11} {'s/iter':>8} {'NFE fwd':>8} {'NFE bwd':>8} {'ms/NFE':>7} {'train NLL':>9}")
     total_time = total_nfe_f = total_nfe_b = 0.0
@@ -51,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     for it in range(1, args.iterations + 1):
         x = data.train_batch(config.train.batch_size)
         start = time.perf_counter()
-        nll, loss, trace, _ = training_loss(model.trace, model, data, x, config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        nll, trace = training_step(model, data, opt, ema, config, x, it - 1)
         elapsed = time.perf_counter() - start
         win["time"] += elapsed
         win["f"] += trace.nfe_forward
@@ -70,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{it - n + 1:>5}-{it:<5} {win['time'] / n:8.4f} {win['f'] / n:8.1f} {win['b'] / n:8.1f} "
                   f"{ms_per_nfe:7.2f} {win['nll'] / n:9.3f}", flush=True)
             win = dict(time=0.0, f=0, b=0, nll=0.0, n=0)
-    val = evaluate(model, data.val, batch_size=config.train.val_batch_size)
+    with ema.applied(model) if ema is not None else contextlib.nullcontext():
+        val = evaluate(model, data.val, batch_size=config.train.val_batch_size)
     n = args.iterations
     print(f"mean over {n} iterations: {total_time / n:.4f} s/iter, NFE {total_nfe_f / n:.1f} fwd / "
           f"{total_nfe_b / n:.1f} bwd; val NLL {val.nll:.3f} (test-solver NFE {val.nfe:.0f})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.epochs < 1 or not 0 < args.threshold < 1 or min(args.temperature) <= 0:
-        raise ConfigError("--n and --epochs must be positive, --threshold in (0, 1), temperatures > 0")
+    if args.n < 1 or args.epochs < 1 or not 0 < args.threshold < 1 or min(args.temperature) <= 0 \
+            or (args.train_size is not None and args.train_size < 1):
+        raise ConfigError("--n, --epochs and --train-size must be positive, --threshold in (0, 1), temperatures > 0")
     loaded = [(path, *load_model(path, map_location="cpu")[:2]) for path in args.checkpoints]
     data_cfg = loaded[0][2].data
     for path, _, config in loaded:

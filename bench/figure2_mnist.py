@@ -75,8 +75,10 @@ def figure(args: argparse.Namespace) -> int:
     device = torch.device("cpu")
     loaded = [load_model(run / "best.pt", device) for run in args.runs]  # (model, config, payload)
     configs = [config for _, config, _ in loaded]
-    if any(c.data.name != configs[0].data.name for c in configs):
-        raise ConfigError("all runs must be trained on the same image data set")
+    shapes = [model.event_shape for model, _, _ in loaded]
+    if any(c.data.name != configs[0].data.name for c in configs) or len(set(shapes)) > 1:
+        raise ConfigError("all runs must be trained on the same image data set at the same resolution "
+                          f"(data {[c.data.name for c in configs]}, shapes {shapes})")
     data = make_data(configs[0].data, configs[0].seed)
     if len(data.event_shape) != 3:
         raise ConfigError(f"{args.runs[0]} is not an image model (data shape {data.event_shape})")

@@ -49,17 +49,34 @@ def _umask() -> int:
 def check_derived_output(source: Path, out: Path, kept: str) -> None:
     """Check that ``out`` can take a checkpoint derived from ``source`` (a command
     that rewrites a checkpoint, such as compaction or gate export, keeps its input):
-    it must differ from ``source`` and its folder must exist. ``kept`` names what the
-    input holds, for the message."""
+    a new file, not ``source``, in a folder that exists. Nothing is replaced, so a
+    slip cannot overwrite a run's ``checkpoint.pt``. ``kept`` names what the input
+    holds, for the message."""
     if out.resolve() == source.resolve():
         raise ConfigError(f"--out must differ from the input checkpoint (the {kept} is kept)")
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a directory; name a file, for example {str(out / 'derived.pt')!r}")
+    if out.exists():
+        raise ConfigError(f"--out {str(out)!r} exists; remove it or choose another file (nothing is replaced)")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
+
+
+def save_derived_checkpoint(payload: dict[str, Any], out: Path) -> None:
+    """:func:`save_checkpoint` for a command's ``--out``: a write that fails (no
+    space, no permission) is a one-line error, not a traceback."""
+    try:
+        save_checkpoint(payload, out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a directory; pass a checkpoint in it, for example "
+                              f"{str(path / 'best.pt')!r}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     corrupt = CheckpointError(

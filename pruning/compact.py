@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from build import build_model, load_model
-from cnf.checkpoint import check_derived_output, save_checkpoint
+from cnf.checkpoint import check_derived_output, save_derived_checkpoint
 from cnf.config import Config, to_dict
 from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     check_derived_output(source, out, "masked model")
     model, config, ckpt = load_model(source)
     small, smaller = compact(model, config)
-    save_checkpoint(
+    save_derived_checkpoint(
         {
             "config": to_dict(smaller), "event_shape": list(ckpt["event_shape"]),
             "model": small.state_dict(), "step": ckpt.get("step"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from build import load_model
-from cnf.checkpoint import check_derived_output, save_checkpoint
+from cnf.checkpoint import check_derived_output, save_derived_checkpoint
 from cnf.config import to_dict
 from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
@@ -76,7 +76,7 @@ def export(args: argparse.Namespace) -> int:
     plain = dataclasses.replace(
         config, regularization=dataclasses.replace(config.regularization, l0=0.0, pathreg=0.0)
     )
-    save_checkpoint(
+    save_derived_checkpoint(
         {
             "config": to_dict(plain), "event_shape": list(ckpt["event_shape"]),
             "model": model.state_dict(), "step": ckpt.get("step"),

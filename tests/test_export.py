@@ -100,3 +100,6 @@ def test_export_refuses_ungated_checkpoints_and_overwriting(tmp_path, capsys):
     assert export.main([str(run / "best.pt"), "--out", str(tmp_path / "h.pt")]) == ConfigError.exit_code
     assert "no gates" in capsys.readouterr().err
     assert export.main([str(run / "best.pt"), "--out", str(run / "best.pt")]) == ConfigError.exit_code
+    before = (run / "checkpoint.pt").read_bytes()
+    assert export.main([str(run / "best.pt"), "--out", str(run / "checkpoint.pt")]) == ConfigError.exit_code
+    assert (run / "checkpoint.pt").read_bytes() == before  # the run can still be resumed

@@ -392,6 +392,11 @@ def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
     assert figure2.main([str(run), "--labels", "a", "b", "--out", str(fig)]) == 2  # one label per run
     assert figure2.main([str(run), "--max-step", "1", "--n", "4", "--out", str(fig)]) == 0
     assert figure2.main([str(run), "--max-step", "0", "--out", str(fig)]) == 2
+    small = tmp_path / "small"  # the same data at another resolution cannot share a figure
+    assert train.main([str(path), "--out", str(small), "--set", "data.downsample=2", "--set", "model.scales=1"]) == 0
+    capsys.readouterr()
+    assert figure2.main([str(run), str(small), "--n", "4", "--out", str(fig)]) == 2
+    assert "same resolution" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))

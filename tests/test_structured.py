@@ -184,6 +184,15 @@ def test_compact_cli_writes_a_checkpoint_that_samples_like_the_masked_one(tmp_pa
     np.testing.assert_allclose(samples["flag"], samples["masked"], atol=1e-4)
     np.testing.assert_allclose(samples["file"], samples["flag"], atol=1e-6)
     assert compact_cli.main([str(masked), "--out", str(masked)]) == 2
+    # nothing is replaced: not an earlier output, not a run's checkpoint, not a directory
+    before = (tmp_path / "small.pt").read_bytes()
+    capsys.readouterr()
+    assert compact_cli.main([str(masked), "--out", str(tmp_path / "small.pt")]) == 2
+    assert "exists" in capsys.readouterr().err and (tmp_path / "small.pt").read_bytes() == before
+    assert compact_cli.main([str(masked), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert compact_cli.main([str(tmp_path), "--out", str(tmp_path / "c.pt")]) == 4
+    assert f"{str(tmp_path / 'best.pt')!r}" in capsys.readouterr().err  # a run directory: name its checkpoint
 
 
 def test_block_hidden_dims_must_match_the_blocks_and_the_layers():
