@@ -51,7 +51,9 @@ class DataConfig:
         _check(self.val_size > 0 and self.test_size > 0, "data.val_size and data.test_size must be positive")
         _check(self.downsample >= 1, f"data.downsample must be a positive integer (got {self.downsample})")
         _check(self.subset is None or self.subset > 0, f"data.subset must be positive or null (got {self.subset})")
-        _check(0 < self.logit_alpha < 0.5, f"data.logit_alpha must be in (0, 0.5) (got {self.logit_alpha})")
+        _check(1e-7 <= self.logit_alpha < 0.5,
+               f"data.logit_alpha must be in [1e-7, 0.5) (got {self.logit_alpha}): below 1e-7, 1 - α rounds "
+               "to 1 in float32 and white pixels get infinite logits")
 
 
 @dataclass
@@ -91,6 +93,12 @@ class ModelConfig:
                f"model.hidden_dims must be a non-empty list of positive ints (got {self.hidden_dims})")
         _check(self.num_blocks > 0, f"model.num_blocks must be positive (got {self.num_blocks})")
         _check(self.end_time > 0, f"model.end_time must be positive (got {self.end_time})")
+        for key in ("divergence", "test_divergence"):
+            value = getattr(self, key)
+            _check(value in ("exact", "hutchinson") or (key == "test_divergence" and value is None),
+                   f"model.{key} must be exact or hutchinson (got {value!r})")
+        _check(self.noise in ("gaussian", "rademacher"),
+               f"model.noise must be gaussian or rademacher (got {self.noise!r})")
 
 
 @dataclass
@@ -226,6 +234,9 @@ class Config:
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
 
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**63, f"seed must be a non-negative integer below 2**63 (got {self.seed})")
+
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; numbers may come as strings
@@ -357,9 +368,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file (a YAML config, "
+                              "not a checkpoint or data file)") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return from_dict(apply_overrides(values, overrides))

@@ -58,6 +58,11 @@ TRAIN_CASES = {
                                r"lottery", 2),
     "layer pattern matches nothing": (["--set", "pruning.method=random", "--set", "pruning.sparsity=0.5",
                                        "--set", "pruning.layers=[decoder.*]"], r"matches no prunable weight", 2),
+    "negative seed": (["--set", "seed=-1"], r"seed must be a non-negative integer below 2\*\*63", 2),
+    "misspelled noise": (["--set", "model.noise=gausian"], r"model.noise must be gaussian or rademacher", 2),
+    "unknown divergence": (["--set", "model.test_divergence=hutch"], r"model.test_divergence must be exact", 2),
+    "logit alpha below float32": (["--set", "data.logit_alpha=1e-8"], r"must be in \[1e-7, 0.5\)", 2),
+    "unknown device": (["--set", "train.device=gpu"], r"train.device 'gpu' is not a device", 2),
     "batch not divisible": None,  # covered in test_distributed (needs 2 processes)
 }
 
@@ -77,6 +82,9 @@ def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
     bad.write_text("train: {iterations: [1,\n")
     assert train.main([str(bad), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, r"not valid YAML")
+    bad.write_bytes(b"# caf\xe9\nseed: 1\n")  # Latin-1, or a checkpoint passed by mistake
+    assert train.main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, r"not a UTF-8 text file")
 
 
 @pytest.mark.parametrize("content, pattern", [
