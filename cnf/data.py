@@ -106,6 +106,8 @@ def make_data(cfg: DataConfig, seed: int) -> DataSource:
     """The data source named by ``cfg.name``."""
     if cfg.downsample != 1 and cfg.name not in IMAGES:
         raise ConfigError(f"data.downsample applies to images only; {cfg.name!r} is not an image set (use 1)")
+    if cfg.subset is not None and cfg.name not in IMAGES:
+        raise ConfigError(f"data.subset applies to images only; {cfg.name!r} is not an image set (use null)")
     if cfg.name in TOY_DATASETS:
         return ToyData(cfg.name, seed=seed, val_size=cfg.val_size, test_size=cfg.test_size)
     if cfg.name in TABULAR:

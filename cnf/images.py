@@ -108,15 +108,24 @@ def load_mnist(root: str | Path, *, download: bool) -> tuple[Tensor, Tensor]:
     raw = Path(root) / "MNIST" / "raw"
     setup = (f"copy the four MNIST .gz files into {raw} (for example `mkdir -p {raw} && "
              f"cp ../shared/data/MNIST/raw/*.gz {raw}/`)")
+    def corrupt(exc: BaseException) -> DataError:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return DataError(f"the MNIST files in {raw} are corrupt or truncated ({detail}); "
+                         f"replace them: delete {raw}/*-ubyte* and {setup}")
+
     try:
         _extract(raw)
         with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints while extracting
             splits = [MNIST(str(root), train=train, download=download).data for train in (True, False)]
     except RuntimeError as exc:
+        if all((raw / name).is_file() for name in MNIST_FILES):  # there, but not what they should hold
+            raise corrupt(exc) from None
         if download:
             raise DataError(f"could not download MNIST into {raw} ({str(exc).splitlines()[0]}); {setup}") from None
         raise DataError(f"MNIST not found in {raw}: {setup}, or set data.download=true to download it") from None
-    except (OSError, EOFError) as exc:
+    except (ValueError, AssertionError, IndexError, KeyError, EOFError, gzip.BadGzipFile) as exc:  # their checks
+        raise corrupt(exc) from None
+    except OSError as exc:
         raise DataError(
             f"cannot read or extract MNIST in {raw} ({getattr(exc, 'strerror', None) or exc}); point data.root at a "
             "writable folder holding a copy of the .gz files"
@@ -124,16 +133,30 @@ def load_mnist(root: str | Path, *, download: bool) -> tuple[Tensor, Tensor]:
     return splits[0].unsqueeze(1), splits[1].unsqueeze(1)
 
 
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
 def _extract(raw: Path) -> None:
-    """Decompress ``*-ubyte.gz`` archives in ``raw`` that are not decompressed yet
-    (torchvision only does so when asked to download)."""
+    """Decompress the ``*-ubyte.gz`` archives in ``raw`` whose decompressed file is
+    missing or of another size than the archive records (a stale or truncated
+    copy); torchvision itself only decompresses when asked to download."""
     for archive in raw.glob("*-ubyte.gz") if raw.is_dir() else ():
         target = archive.with_suffix("")
-        if not target.exists():
+        if not target.exists() or target.stat().st_size != _gzip_size(archive):
             partial = target.with_name(target.name + ".partial")
             with gzip.open(archive, "rb") as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             partial.replace(target)
+
+
+def _gzip_size(archive: Path) -> int:
+    """The decompressed size a gzip file records in its last four bytes (modulo 2**32)."""
+    with open(archive, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < 4:
+            return -1
+        f.seek(-4, 2)
+        return int.from_bytes(f.read(4), "little")
 
 
 def synthetic_images(n: int, rng: np.random.Generator, size: int = SYNTHETIC_SIZE) -> Tensor:

@@ -78,6 +78,9 @@ def _standardise(
     arrays: Sequence[np.ndarray], reference: np.ndarray, ddof: int, path: Path
 ) -> list[np.ndarray]:
     """Map every array by ``(x - mean) / std`` with the column statistics of ``reference``."""
+    bad = np.flatnonzero(~np.isfinite(reference).all(axis=0))
+    if bad.size:
+        raise DataError(f"column(s) {bad.tolist()} of {path} hold NaN or infinite values; {_REPLACE}")
     mean = reference.mean(axis=0)
     std = reference.std(axis=0, ddof=ddof)
     constant = np.flatnonzero(~(std > 0))
@@ -97,11 +100,23 @@ def _read_npy(path: Path, columns: int) -> np.ndarray:
         raise DataError(
             f"cannot read {path} as a NumPy .npy array ({error}); {_REPLACE}"
         ) from error
+    data = _numeric_array(data, path, _REPLACE)
     if data.ndim != 2 or data.shape[1] != columns:
         raise DataError(
             f"{path} holds an array of shape {data.shape}, expected (N, {columns}); {_REPLACE}"
         )
     return np.array(data, dtype=np.float64)
+
+
+def _numeric_array(data, path: Path, advice: str) -> np.ndarray:
+    """``data`` from ``np.load`` if it is one array of numbers (not an ``.npz``
+    archive, not strings or records)."""
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise DataError(f"{path} is an .npz archive, not a single .npy array; {advice}")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise DataError(f"{path} holds {data.dtype} values, not numbers; {advice}")
+    return data
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -365,7 +380,7 @@ def _load_split(path: Path, dim: int) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise DataError(f"cannot read {path} as a NumPy .npy array ({error})") from error
-    return _checked(array, dim, path)
+    return _checked(_numeric_array(array, path, "write each split with np.save"), dim, path)
 
 
 def _read_cache(path: Path, dim: int) -> TabularSplits | None:

@@ -245,9 +245,11 @@ def test_downsampled_synthetic_images_train_on_the_smaller_shape():
     assert data.metrics(16 * math.log(256))["bits_per_dim"] == pytest.approx(16.0)  # D = 16 dimensions
 
 
-def test_downsample_of_non_images_is_a_config_error():
+def test_downsample_and_subset_of_non_images_are_config_errors():
     with pytest.raises(ConfigError, match="images only"):
         make_data(load_config(None, ["data.downsample=2"]).data, seed=0)
+    with pytest.raises(ConfigError, match="data.subset applies to images only"):
+        make_data(load_config(None, ["data.subset=100"]).data, seed=0)
     with pytest.raises(ConfigError, match="positive integer"):
         load_config(None, ["data.downsample=0"])
 
@@ -279,6 +281,22 @@ def test_mnist_smoke_reads_the_real_files(mnist_root):
     assert data.train.dtype == torch.uint8 and int(data.train.max()) == 255 and int(data.train.min()) == 0
     # MNIST is mostly background: about 19% of training pixels are nonzero
     assert 0.15 < (data.train[:1000] > 0).float().mean() < 0.25
+
+
+@needs_mnist
+def test_stale_extracted_mnist_is_replaced_and_corrupt_files_are_named(mnist_root):
+    raw = mnist_root / "MNIST" / "raw"
+    train, test = load_mnist(mnist_root, download=False)
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes(1000))  # a stale, truncated extraction
+    again, _ = load_mnist(mnist_root, download=False)
+    assert torch.equal(again, train)  # extracted afresh from the archive
+    shutil.copy(raw / "t10k-labels-idx1-ubyte.gz", raw / "t10k-images-idx3-ubyte.gz")  # labels as images
+    for download in (False, True):
+        with pytest.raises(DataError, match=r"MNIST files in .* are corrupt or truncated .*delete"):
+            load_mnist(mnist_root, download=download)
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"")  # an empty archive
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_mnist(mnist_root, download=False)
 
 
 def test_digit_score_counts_confident_images_and_their_classes():

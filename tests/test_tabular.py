@@ -333,6 +333,29 @@ def test_wrong_columns_and_too_few_rows(tmp_path: Path) -> None:
         load_tabular("power", tmp_path)
 
 
+def test_npz_string_and_nan_files_are_named_for_what_they_are(tmp_path: Path) -> None:
+    data = write_miniboone(tmp_path)
+    path = tmp_path / "miniboone" / "data.npy"
+    with open(path, "wb") as f:
+        np.savez(f, data=data)  # an archive under the .npy name
+    with pytest.raises(DataError, match=r"\.npz archive, not a single \.npy array"):
+        load_tabular("miniboone", tmp_path)
+    np.save(path, data.astype(str))
+    with pytest.raises(DataError, match="not numbers"):
+        load_tabular("miniboone", tmp_path)
+    data[3, 7] = np.nan
+    np.save(path, data)
+    with pytest.raises(DataError, match=r"column\(s\) \[7\] of .* hold NaN or infinite values"):
+        load_tabular("miniboone", tmp_path)
+    split = tmp_path / "gas"
+    split.mkdir()
+    for name in ("train", "val", "test"):
+        np.savez(split / f"{name}.npy", x=np.zeros((4, 8)))
+        (split / f"{name}.npy.npz").rename(split / f"{name}.npy")
+    with pytest.raises(DataError, match=r"train\.npy is an \.npz archive"):
+        load_tabular("gas", tmp_path)
+
+
 def test_unknown_name_lists_valid_names(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_tabular("cifar10", tmp_path)
