@@ -209,6 +209,10 @@ def load_images(cfg: DataConfig, seed: int) -> ImageData:
     if cfg.val_size >= len(train):
         raise DataError(f"data.val_size={cfg.val_size} leaves no training images (there are {len(train)})")
     train, val = train[: -cfg.val_size], train[-cfg.val_size :]
+    if cfg.subset is not None and cfg.subset > len(train):
+        raise DataError(f"data.subset={cfg.subset} exceeds the {len(train)} training images left after validation")
+    if cfg.test_size > len(test):
+        raise DataError(f"data.test_size={cfg.test_size} exceeds the {len(test)} test images")
     if cfg.subset is not None:
         train = train[: cfg.subset]
     return ImageData(train, val, test[: cfg.test_size], seed=seed, alpha=cfg.logit_alpha)

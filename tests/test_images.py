@@ -272,15 +272,23 @@ def mnist_root(tmp_path):
     return tmp_path
 
 
+def config_overrides(mnist_root):
+    return ["data.name=mnist", f"data.root={mnist_root}", "data.val_size=1000", "data.test_size=10000"]
+
+
 @needs_mnist
 def test_mnist_smoke_reads_the_real_files(mnist_root):
-    config = load_config(None, ["data.name=mnist", f"data.root={mnist_root}", "data.val_size=1000", "data.test_size=10000"])
+    config = load_config(None, config_overrides(mnist_root))
     data = make_data(config.data, seed=0)
     assert data.event_shape == (1, 28, 28)
     assert (len(data.train), len(data.val), len(data.test)) == (59000, 1000, 10000)
     assert data.train.dtype == torch.uint8 and int(data.train.max()) == 255 and int(data.train.min()) == 0
     # MNIST is mostly background: about 19% of training pixels are nonzero
     assert 0.15 < (data.train[:1000] > 0).float().mean() < 0.25
+    for override, message in (("data.test_size=10001", "exceeds the 10000 test images"),
+                              ("data.subset=59001", "exceeds the 59000 training images")):
+        with pytest.raises(DataError, match=message):
+            make_data(load_config(None, [*config_overrides(mnist_root), override]).data, seed=0)
 
 
 @needs_mnist
