@@ -100,6 +100,9 @@ class ImageData(ArrayData):
         return {"bits_per_dim": bits_per_dim(nll, math.prod(self.event_shape))}
 
 
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
 def load_mnist(root: str | Path, *, download: bool) -> tuple[Tensor, Tensor]:
     """MNIST's training and test images, ``uint8`` of shape ``(N, 1, 28, 28)``, read by
     torchvision from ``root/MNIST/raw`` (downloaded there first if ``download``)."""
@@ -108,6 +111,7 @@ def load_mnist(root: str | Path, *, download: bool) -> tuple[Tensor, Tensor]:
     raw = Path(root) / "MNIST" / "raw"
     setup = (f"copy the four MNIST .gz files into {raw} (for example `mkdir -p {raw} && "
              f"cp ../shared/data/MNIST/raw/*.gz {raw}/`)")
+
     def corrupt(exc: BaseException) -> DataError:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         return DataError(f"the MNIST files in {raw} are corrupt or truncated ({detail}); "
@@ -131,9 +135,6 @@ def load_mnist(root: str | Path, *, download: bool) -> tuple[Tensor, Tensor]:
             "writable folder holding a copy of the .gz files"
         ) from None
     return splits[0].unsqueeze(1), splits[1].unsqueeze(1)
-
-
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _extract(raw: Path) -> None:

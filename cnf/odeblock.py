@@ -16,8 +16,9 @@ Only ``z`` and ``Δ`` enter adaptive step-size control; ``R``, ``K`` and ``F``
 only measure the trajectory. Sampling needs ``z`` alone: with ``density=False``
 the block integrates ``dz/dt = f`` without tangents, which saves the
 Jacobian-vector products (about half of each evaluation with a Hutchinson probe,
-two thirds with the exact 2-D divergence). The Hutchinson probe and any weight gates are drawn
-once per solve and closed over, so the field is deterministic inside a solve.
+two thirds with the exact 2-D divergence). The Hutchinson probe and any weight
+gates are drawn once per solve and closed over, so the field is deterministic
+inside a solve.
 
 References: FFJORD, Grathwohl et al. 2019; RNODE, Finlay et al. 2020.
 """
