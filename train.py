@@ -229,7 +229,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
                 loss.backward()
             except AssertionError as exc:  # torchdiffeq's step-size underflow, in the adjoint solve
                 checkpoint(out / "checkpoint.pt")
-                raise solver_failure(exc, model.blocks[0].solver, " in the backward (adjoint) solve") from None
+                raise solver_failure(exc, model.blocks[0].solver, backward_failure_site(trace)) from None
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
             finite = bool(torch.isfinite(grad_norm))
         if not finite:
@@ -401,6 +401,15 @@ def saved_best_val(path: Path) -> float:
         print(f"warning: ignoring {path} ({str(exc).splitlines()[0]}); the next best "
               "validation replaces it", file=sys.stderr)
         return math.inf
+
+
+def backward_failure_site(trace) -> str:
+    """Where the adjoint solves of ``loss.backward()`` failed. They run from the last
+    block to the first, so the failing one is the first block that evaluated any."""
+    for index, counter in enumerate(trace.counters):
+        if counter.backward and counter.last_t is not None:
+            return f" in the backward (adjoint) solve of block {index}, at t={float(counter.last_t.detach()):.4g}"
+    return " in the backward (adjoint) solve"
 
 
 def apply_update(model, optimizer: torch.optim.Optimizer, ema: ParameterAverage | None, tc, step: int) -> None:

@@ -258,6 +258,17 @@ def test_solver_underflow_is_explained(tmp_path, capsys):
     assert "block 0" in err and "failed at" in err and "rk4" in err
 
 
+def test_a_failing_backward_solve_names_its_block(tmp_path, capsys):
+    """The adjoint solves run from the last block to the first: the message names the
+    first block that evaluated any (here the forward solves fit in two steps)."""
+    code = run_train(tmp_path / "b", "--set", "solver.max_num_steps=2", "--set", "model.num_blocks=2",
+                     "--set", "solver.rtol=1e-5", "--set", "solver.atol=1e-5")
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert re.search(r"step limit exceeded in the backward \(adjoint\) solve of block [01], at t=0\.\d+", err), err
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()  # written before stopping
+
+
 def test_solver_gap_warning_only_for_a_fixed_step_solver_past_the_threshold():
     from cnf.solver import Solver
 
