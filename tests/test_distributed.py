@@ -34,6 +34,8 @@ def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
     one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert len(two["rng"]) == 2 and two["step"] == 2
+    # each rank draws its own Hutchinson probes and gate samples: their generators differ
+    assert not torch.equal(two["rng"][0]["torch"], two["rng"][1]["torch"])
     for weights in ("model", "training_model"):  # the parameter average and the iterate
         for key, value in one[weights].items():
             torch.testing.assert_close(two[weights][key], value, rtol=1e-5, atol=1e-6, msg=f"{weights}.{key}")
