@@ -127,3 +127,100 @@ def test_an_interrupted_run_is_waited_for_not_reported_as_failed(tmp_path, capsy
     assert compare.main([str(spec), "--out", str(out), "--only", "dense_*"]) == 0
     with open(out / "runs.csv") as f:
         assert {r["status"] for r in csv.DictReader(f)} == {"done"}
+
+
+def events(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_seeds_train_their_own_runs_and_tables_report_final_values_and_sample_std(tmp_path):
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": [*TINY, "train.iterations=4", "train.val_every=2"]},
+        "methods": ["dense"], "seeds": [0, 1], "threads": 1,
+    })
+    out = tmp_path / "out"
+    assert compare.main([str(spec), "--out", str(out)]) == 0
+    with open(out / "runs.csv") as f:
+        runs = {int(r["seed"]): r for r in csv.DictReader(f)}
+    assert set(runs) == {0, 1}
+    for seed, row in runs.items():
+        run_dir = out / row["run"]
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == seed
+        val = events(run_dir, "val/nll")
+        assert len(val) == 2 and val[0] != val[-1]  # two validations: the table has the final one
+        assert float(row["val_nll"]) == pytest.approx(val[-1])
+        assert float(row["test_nll"]) == pytest.approx(events(run_dir, "test/nll")[-1])
+    test_nll = [float(runs[s]["test_nll"]) for s in (0, 1)]
+    assert test_nll[0] != test_nll[1]  # another seed: other data, weights and results
+    with open(out / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["seeds"]) == 2 and int(row["failed"]) == 0
+    assert float(row["test_nll_mean"]) == pytest.approx(sum(test_nll) / 2)
+    # the sample standard deviation (ddof=1) of two values is |a - b| / √2
+    assert float(row["test_nll_std"]) == pytest.approx(abs(test_nll[0] - test_nll[1]) / 2 ** 0.5)
+
+
+def test_a_failed_seed_is_counted_as_failed_not_averaged_in(tmp_path, monkeypatch):
+    import train
+
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": TINY}, "methods": ["dense"], "seeds": [0, 1], "threads": 1,
+    })
+    out = tmp_path / "out"
+    real_main = train.main
+
+    def failing_seed_1(args):
+        if "seed=1" in args:
+            Path(args[args.index("--out") + 1]).mkdir(parents=True)
+            return 1
+        return real_main(args)
+
+    monkeypatch.setattr(train, "main", failing_seed_1)
+    assert compare.main([str(spec), "--out", str(out)]) == 0
+    with open(out / "runs.csv") as f:
+        runs = {int(r["seed"]): r for r in csv.DictReader(f)}
+    assert runs[0]["status"] == "done" and runs[1]["status"] == "failed (exit 1)"
+    with open(out / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["seeds"]) == 1 and int(row["failed"]) == 1
+    for key in ("val_nll", "test_nll", "test_jac_norm", "test_nfe", "wall_seconds"):
+        assert float(row[f"{key}_mean"]) == pytest.approx(float(runs[0][key])), key
+    assert "| 1 (1 failed) |" in (out / "results.md").read_text()
+
+
+def test_a_resumed_run_reports_the_wall_time_of_all_its_pieces(tmp_path, monkeypatch):
+    """100 s until a signal stopped the run, 5 s to resume and finish it: 105 s."""
+    import types
+
+    import train
+
+    spec = write(tmp_path / "cmp.yaml", {"base": {"config": TOY, "set": TINY}, "methods": ["dense"], "threads": 1})
+    out = tmp_path / "out"
+    clock = [1000.0]
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_main = train.main
+
+    def first_piece(args):
+        assert real_main(args) == 0  # leaves checkpoint.pt; the signal came just after it
+        clock[0] += 100.0
+        return 130
+
+    def second_piece(args):
+        assert "--resume" in args
+        clock[0] += 5.0
+        return real_main(args)
+
+    monkeypatch.setattr(train, "main", first_piece)
+    assert compare.main([str(spec), "--out", str(out)]) == 130
+    status = json.loads((out / "dense_s0_seed0" / "compare.json").read_text())
+    assert status["status"] == "interrupted" and status["wall_seconds"] == 100.0
+    monkeypatch.setattr(train, "main", second_piece)
+    assert compare.main([str(spec), "--out", str(out)]) == 0
+    status = json.loads((out / "dense_s0_seed0" / "compare.json").read_text())
+    assert status["status"] == "done" and status["wall_seconds"] == 105.0
+    with open(out / "runs.csv") as f:
+        assert float(next(csv.DictReader(f))["wall_seconds"]) == 105.0

@@ -144,6 +144,33 @@ def test_build_model_gates_every_prunable_weight():
     assert "blocks.0.gates.log_alpha.0" in model.state_dict()
 
 
+def test_build_model_gates_follow_the_configured_settings(float64):
+    """β, γ, ζ and the initial open probability come from the config: the open probability
+    of the initial log α under these settings (the CDF closed form) is the configured one,
+    and the eval gates stretch by (γ, ζ)."""
+    beta, gamma, zeta, init_open = 0.5, -0.2, 1.3, 0.8
+    config = gated_config(gate_temperature=beta, gate_stretch_low=gamma, gate_stretch_high=zeta,
+                          gate_init_open=init_open)
+    model = build_model(config, (2,))
+    for block in model.blocks:
+        gates = block.gates
+        for a in gates.log_alpha:
+            a = a.detach()
+            torch.testing.assert_close(open_probability_from_cdf(a, beta, gamma, zeta), torch.full_like(a, init_open))
+        with torch.no_grad():
+            for a in gates.log_alpha:
+                a.copy_(torch.linspace(-4, 4, a.numel()).view_as(a))
+        torch.testing.assert_close(
+            gates.open_probabilities(),
+            {n: open_probability_from_cdf(a.detach(), beta, gamma, zeta) for n, a in zip(gates.names, gates.log_alpha)},
+        )
+        torch.testing.assert_close(
+            gates.eval()(),
+            {n: (torch.sigmoid(a.detach()) * (zeta - gamma) + gamma).clamp(0, 1)
+             for n, a in zip(gates.names, gates.log_alpha)},
+        )
+
+
 def test_model_l0_ignores_pruned_entries_and_is_a_regularization_term():
     model = build_model(gated_config(), (2,))
     total = model.blocks[0].gates.expected_l0()

@@ -169,3 +169,23 @@ def test_weight_path_norm_needs_no_gates_but_gate_penalties_do():
         regularization_terms(model, from_dict({"regularization": {"pathreg": 1.0}}).regularization)
     with pytest.raises(ConfigError, match="gated model"):
         regularization_terms(model, from_dict({"regularization": {"l0": 1.0}}).regularization)
+
+
+def test_path_sparsity_of_a_training_model_uses_its_eval_gates():
+    """Logged during training: the path sparsity is that of the deterministic eval gates,
+    draws no gate noise (the training stream is untouched) and leaves the model training."""
+    model = model_with(dim=3, hidden=(4, 4))
+    with torch.no_grad():
+        for a in model.blocks[0].gates.log_alpha:
+            # -1: open in eval (gate 0.22) but closed in about a third of the draws; -20: always closed
+            a.copy_(torch.where(torch.rand_like(a) < 0.6, -20.0, -1.0))
+    expected = 1 - brute_force_reach(list(model.blocks[0].gates.deterministic().values())).double().mean().item()
+    assert 0 < expected < 1  # a non-trivial case
+    model.train()
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    values = [path_sparsity(model) for _ in range(5)]
+    assert values == [pytest.approx(expected)] * 5
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in model.modules())
+    assert path_sparsity(model.eval()) == pytest.approx(expected)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from build import build_model
-from cnf.config import Config, from_dict
+from cnf.config import Config, from_dict, to_dict
 from cnf.data import make_data
 from cnf.divergence import Exact
 from cnf.errors import ConfigError
@@ -250,3 +250,68 @@ def test_iterative_synflow_reaches_the_target_and_scores_pruned_weights_minus_in
     assert int(torch.isfinite(scores).sum()) == round(0.1 * scores.numel())
     assert (scores[torch.isfinite(scores)] >= 0).all()
     assert torch.equal(scores, flat(synflow_scores(model, [], config)))  # data-free
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries (ties: earlier entries first)."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.flatten().argsort(descending=True, stable=True)[:k]] = True
+    return keep.view_as(scores)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_two_round_synflow_prunes_geometrically_within_the_scope(scope, float64):
+    """Round k of n prunes to sparsity 1 − (1 − s)^{k/n}: for n = 2, s = 0.75 first to 0.5
+    by the closed-form path products, then to 0.75 by those of the surviving weights;
+    with scope=layer both rounds keep the same fraction of every weight tensor."""
+    torch.manual_seed(0)
+    flow = tiny_flow(Solver(), layer_type="concat")
+    with torch.no_grad():
+        for layer in flow.blocks[0].field.layers:
+            layer.bias.zero_()
+    weights = prunable_weights(flow)
+
+    def prune(ws: list[torch.Tensor], alive: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+        scores = [s.masked_fill(~a, -torch.inf) for s, a in zip(path_products(ws), alive)]
+        if scope == "layer":
+            return [top_k(s, round((1 - sparsity) * s.numel())) for s in scores]
+        everything = torch.cat([s.flatten() for s in scores])
+        keep = top_k(everything, round((1 - sparsity) * everything.numel()))
+        return [k.view_as(s) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+    dense = [p.detach() for p in weights.values()]
+    first = prune(dense, [torch.ones_like(w, dtype=torch.bool) for w in dense], 0.5)
+    survivors = [w * k for w, k in zip(dense, first)]
+    second = prune(survivors, first, 0.75)
+    expected = path_products(survivors)
+
+    scores = synflow_scores(flow, [], pruning_config(method="synflow", sparsity=0.75, synflow_iterations=2,
+                                                       scope=scope))
+    for s, keep, e in zip(scores.values(), second, expected):
+        assert torch.equal(torch.isfinite(s), keep)
+        torch.testing.assert_close(s[keep], e[keep])
+    if scope == "layer":
+        assert [int(torch.isfinite(s).sum()) for s in scores.values()] == [
+            round(0.25 * p.numel()) for p in weights.values()
+        ]
+
+
+def test_weights_without_a_jacobian_gradient_score_zero_and_the_rest_prune():
+    """dR ≡ 0 for some weights only is no error: with the last layer of block 1 zero, that
+    field does not depend on its first two weights at all, so they score exactly 0."""
+    config = from_dict({
+        **to_dict(pruning_config(method="jacobian_spectrum", sparsity=0.6, batches=1)),
+        "model": {"hidden_dims": [8, 8], "end_time": 0.5, "num_blocks": 2},
+    })
+    torch.manual_seed(0)
+    data = make_data(config.data, config.seed)
+    model = build_model(config, data.event_shape)
+    with torch.no_grad():
+        model.blocks[1].field.layers[-1].weight.zero_()
+    scores = jacobian_spectrum_scores(model, scoring_batches(data, config), config)
+    for name in ("blocks.1.field.layers.0.weight", "blocks.1.field.layers.1.weight"):
+        assert torch.count_nonzero(scores[name]) == 0, name
+    assert all(torch.count_nonzero(scores[f"blocks.0.field.layers.{i}.weight"]) > 0 for i in range(3))
+    prune_at_init(model, data, config, CPU)
+    kept = flat({n: mask_buffer(model, n) for n in prunable_weights(model)})
+    assert int(kept.sum()) == round(0.4 * kept.numel())

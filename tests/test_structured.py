@@ -17,7 +17,6 @@ from pruning.masks import apply_masks, mask_buffer, prunable_weights
 from pruning.structured import hidden_layers, select_units, unit_scores, unit_sparsity
 
 
-
 def mlp_config(*overrides: str):
     base = [
         "model.hidden_dims=[7,6]", "model.num_blocks=2", "model.end_time=0.5", "model.divergence=exact",
@@ -125,6 +124,36 @@ def test_compacted_conv_flow_agrees_with_the_masked_one(float64):
     torch.testing.assert_close(small.log_prob(x), model.log_prob(x), rtol=0, atol=1e-9)
     z = model.base_noise(3)
     torch.testing.assert_close(small.inverse(z)[0], model.inverse(z)[0], rtol=0, atol=1e-9)
+
+
+def test_field_cost_of_a_conv_flow_counts_every_pixel_of_every_layer():
+    """``2 · weight.numel()`` multiply-adds per output pixel, at each layer's own resolution
+    (measured on one sample while the flow runs; the scales differ in size)."""
+    model = build_model(conv_config(), (1, 4, 4))
+    pixels = {}
+
+    def record(layer, args, output):
+        pixels[layer] = output[0].shape[-2] * output[0].shape[-1]
+
+    layers = [layer for block in model.blocks for layer in block.field.layers]
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    with torch.no_grad():
+        model.eval().log_prob(torch.randn(1, 1, 4, 4))
+    for hook in hooks:
+        hook.remove()
+    assert set(pixels) == set(layers) and len(set(pixels.values())) > 1
+    params = sum(p.numel() for block in model.blocks for p in block.field.parameters())
+    flops = sum(2 * layer.weight.numel() * n for layer, n in pixels.items())
+    assert field_cost(model) == (params, flops)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_compact_keeps_the_train_or_eval_mode(training):
+    config = mlp_config()
+    model = pruned(config, (2,)).train(training)
+    small, _ = compact(model, config)
+    assert all(m.training == training for m in small.modules())
+    assert all(m.training == training for m in model.modules())  # unchanged
 
 
 def test_a_unit_whose_outgoing_weights_remain_is_kept(float64):
