@@ -87,6 +87,21 @@ def test_loss_and_jacobian_gradients_match_finite_differences(adjoint, float64):
             assert grads["jac_norm"][name][index].item() == pytest.approx(fd_jac, rel=1e-5, abs=1e-7)
 
 
+def test_objective_gradients_average_over_the_scoring_batches(setup):
+    """dL/dθ and dR/dθ over several batches are the means of the per-batch gradients
+    (a sum would scale the scores with pruning.batches, which matters where scores of
+    different origins are mixed, as in jacobian_spectrum_snip)."""
+    model, _, _, batches = setup
+    assert len(batches) == 2
+    weights = prunable_weights(model)
+    both = objective_gradients(model, batches, weights)
+    single = [objective_gradients(model, [x], weights) for x in batches]
+    for objective in ("nll", "jac_norm"):
+        torch.testing.assert_close(
+            both[objective], {n: (single[0][objective][n] + single[1][objective][n]) / 2 for n in weights}
+        )
+
+
 def test_jacobian_spectrum_scores_and_variants_follow_their_formulas(setup):
     model, _, config, batches = setup
     weights = prunable_weights(model)
