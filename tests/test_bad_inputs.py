@@ -208,3 +208,46 @@ def test_python_api_rejects_bad_arguments():
         Solver(method="euler")
     with pytest.raises(ConfigError, match="unknown layer_type"):
         MLPField(2, [4], layer_type="dense")
+
+
+def test_load_checkpoint_refuses_a_plain_torch_save_dict(tmp_path):
+    from cnf.checkpoint import load_checkpoint
+    from cnf.errors import CheckpointError
+
+    path = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.zeros(3), "step": 7}, path)  # a loadable zip, but no format tag
+    with pytest.raises(CheckpointError, match="is not a checkpoint written by this tool"):
+        load_checkpoint(path)
+    torch.save({"format": "cnf-checkpoint/0", "weight": torch.zeros(3)}, path)  # another format
+    with pytest.raises(CheckpointError, match="is not a checkpoint written by this tool"):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_calls_a_non_zip_file_corrupt(tmp_path):
+    from cnf.checkpoint import load_checkpoint
+    from cnf.errors import CheckpointError
+
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"garbage" * 100)  # torch.load would call this a refused pickle
+    with pytest.raises(CheckpointError, match=r"is corrupt, truncated or not a checkpoint; use another checkpoint"):
+        load_checkpoint(path)
+
+
+def test_failed_checkpoint_write_leaves_no_temporary_file_and_keeps_the_target(tmp_path, monkeypatch):
+    from cnf import checkpoint
+
+    target = tmp_path / "checkpoint.pt"
+    checkpoint.save_checkpoint({"step": 1, "weight": torch.ones(2)}, target)
+    before = target.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint({"step": 2, "weight": torch.zeros(2)}, target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert target.read_bytes() == before
+    assert checkpoint.load_checkpoint(target)["step"] == 1

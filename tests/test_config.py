@@ -76,3 +76,30 @@ def test_apply_overrides_does_not_mutate_input():
     base = {"solver": {"rtol": 1e-5}}
     apply_overrides(base, ["solver.rtol=1e-3"])
     assert base == {"solver": {"rtol": 1e-5}}
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.logit_alpha=0.5", r"data.logit_alpha must be in \[1e-7, 0.5\)"),
+        ("train.ema_decay=1", r"train.ema_decay must lie in \[0, 1\)"),
+        ("data.val_size=0", r"data.val_size and data.test_size must be positive"),
+        ("data.test_size=0", r"data.val_size and data.test_size must be positive"),
+        (f"seed={2**63}", r"seed must be a non-negative integer below 2\*\*63"),
+        ("train.lr=0", r"train.lr must be positive"),
+        ("pruning.snip_mix=1.5", r"pruning.snip_mix must be in \[0, 1\]"),
+        ("pruning.snip_mix=-0.5", r"pruning.snip_mix must be in \[0, 1\]"),
+    ],
+)
+def test_bounds_reject_the_first_value_outside(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.logit_alpha=0.4999", "train.ema_decay=0.9999", "data.val_size=1", f"seed={2**63 - 1}",
+     "train.lr=1e-12", "pruning.snip_mix=1.0", "pruning.snip_mix=0.0", "train.ema_decay=0"],
+)
+def test_bounds_accept_the_last_value_inside(override):
+    assert isinstance(load_config(None, [override]), Config)

@@ -465,3 +465,54 @@ def test_mnist_configs_build_ffjords_multiscale_model():
     assert [b.field.event_shape for b in cpu.blocks] == [(1, 14, 14), (4, 7, 7), (2, 7, 7)]
     runs = load_comparison(CONFIGS / "compare_mnist.yaml").runs
     assert {r.label for r in runs} == {"random", "jacobian_spectrum"}
+
+
+def test_squeeze_channel_order_is_pixel_unshuffles():
+    """Channel ``4c + 2i + j`` of the squeezed tensor holds input channel ``c`` at the
+    offsets ``(i, j)`` of each 2x2 patch (``pixel_unshuffle``'s order, input channel
+    slowest). This fixes which half of the squeezed channels a scale factors out."""
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float64).reshape(2, 3, 4, 6)
+    s = squeeze(x)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                assert torch.equal(s[:, 4 * c + 2 * i + j], x[:, c, i::2, j::2])
+    # and unsqueeze places them back the same way
+    y = torch.randn(2, 12, 3, 2)
+    u = unsqueeze(y)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                assert torch.equal(u[:, c, i::2, j::2], y[:, 4 * c + 2 * i + j])
+
+
+@pytest.mark.parametrize(
+    "shape, scales",
+    # one scale per halving while both sides are at least 4; an odd side stops early
+    [((1, 4, 4), 1), ((1, 8, 8), 2), ((1, 16, 16), 3), ((3, 32, 32), 4), ((1, 28, 28), 3),
+     ((1, 8, 4), 1), ((1, 12, 12), 2), ((1, 2, 2), 1), ((1, 7, 7), 1)],
+)
+def test_default_scales_count_the_halvings_down_to_side_4(shape, scales):
+    assert default_scales(shape) == scales
+    scale_shapes(shape, scales)  # fits: no odd side is squeezed
+
+
+def test_image_splits_are_the_documented_slices(monkeypatch):
+    """Validation: the last ``val_size`` training images; test: the first ``test_size``
+    test images (a prefix, so a smaller test set is part of a larger one)."""
+    def fake_mnist(root, *, download):
+        index = torch.arange(256, dtype=torch.uint8).view(-1, 1, 1, 1)
+        train = index[:40].expand(40, 1, 28, 28).clone()
+        test = index[100:130].expand(30, 1, 28, 28).clone()
+        return train, test
+
+    monkeypatch.setattr("cnf.images.load_mnist", fake_mnist)
+
+    def splits(*overrides):
+        data = make_data(load_config(None, ["data.name=mnist", *overrides]).data, seed=0)
+        return [split[:, 0, 0, 0].tolist() for split in (data.train, data.val, data.test)]
+
+    train_ids, val_ids, test_ids = splits("data.val_size=5", "data.test_size=7")
+    assert train_ids == list(range(35)) and val_ids == list(range(35, 40))
+    assert test_ids == list(range(100, 107))
+    assert splits("data.val_size=5", "data.test_size=3", "data.subset=10")[::2] == [list(range(10)), list(range(100, 103))]
