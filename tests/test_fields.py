@@ -1,10 +1,15 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cnf.activations import ACTIVATIONS, make_activation
+from cnf.activations import ACTIVATIONS, Swish, make_activation
+from cnf.conv import ConcatConv2d, ConcatSquashConv2d
 from cnf.divergence import Exact, make_divergence
 from cnf.errors import ConfigError
 from cnf.fields import MLPField
+from cnf.layers import ConcatLinear, ConcatSquashLinear
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -59,3 +64,85 @@ def test_unknown_names_are_config_errors():
         MLPField(2, [4], layer_type="hyper")
     with pytest.raises(ConfigError, match="exact, hutchinson"):
         make_divergence("trace")
+
+
+# --- closed forms of the time-conditioned layers and of swish ----------------------
+
+
+def _set_layer_params(layer, **values):
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(layer, name).copy_(value)
+
+
+@pytest.mark.parametrize("t", [0.3, 1.7])
+def test_concat_linear_is_closed_form_in_t(t, float64):
+    """``y = W x + b + t w_t`` at two times (a layer ignoring t, or using it
+    twice, is off at one of them); ``∂y/∂t = w_t``."""
+    layer = ConcatLinear(3, 2)
+    w = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
+    b, wt = torch.tensor([0.1, -0.4]), torch.tensor([0.8, -1.3])
+    _set_layer_params(layer, weight=w, bias=b, time_weight=wt)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, -0.5, 3.0]])
+    tt = torch.tensor(t, requires_grad=True)
+    y, _ = layer(tt, x, None, layer.masked_weight())
+    torch.testing.assert_close(y, x @ w.T + b + t * wt)
+    (dy_dt,) = torch.autograd.grad(y.sum(), tt)
+    torch.testing.assert_close(dy_dt, 2 * wt.sum())
+
+
+@pytest.mark.parametrize("t", [0.3, 1.7])
+def test_concatsquash_linear_is_closed_form_in_t(t, float64):
+    """``y = (W x + b) σ(a t + c) + d t`` at two times, and
+    ``∂y/∂t = (W x + b) σ'(a t + c) a + d`` by autograd."""
+    layer = ConcatSquashLinear(3, 2)
+    w = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
+    b, a = torch.tensor([0.1, -0.4]), torch.tensor([0.9, -1.2])
+    c, d = torch.tensor([0.2, 0.6]), torch.tensor([0.7, -1.1])
+    _set_layer_params(layer, weight=w, bias=b, gate_weight=a, gate_bias=c, time_bias=d)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, -0.5, 3.0]])
+    tt = torch.tensor(t, requires_grad=True)
+    y, _ = layer(tt, x, None, layer.masked_weight())
+    pre, g = x @ w.T + b, torch.sigmoid(a * t + c)
+    torch.testing.assert_close(y, pre * g + d * t)
+    (dy_dt,) = torch.autograd.grad(y.sum(), tt)
+    torch.testing.assert_close(dy_dt, (pre * g * (1 - g) * a + d).sum())
+
+
+@pytest.mark.parametrize("t", [0.3, 1.7])
+def test_concatsquash_conv_is_closed_form_in_t(t, float64):
+    """``y = conv(x; W, b) σ(a t + c) + d t`` per output channel at two times."""
+    g = torch.Generator().manual_seed(0)
+    layer = ConcatSquashConv2d(2, 3)
+    a, c, d = torch.tensor([0.9, -1.2, 0.4]), torch.tensor([0.2, 0.6, -0.3]), torch.tensor([0.7, -1.1, 0.5])
+    _set_layer_params(layer, gate_weight=a, gate_bias=c, time_bias=d)
+    x = torch.randn(2, 2, 4, 4, generator=g)
+    y, _ = layer(torch.tensor(t), x, None, layer.masked_weight())
+    conv = F.conv2d(x, layer.weight, layer.bias, padding=1)
+    expected = conv * torch.sigmoid(a * t + c).view(1, 3, 1, 1) + (d * t).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, expected)
+
+
+def test_concat_conv_init_bound_counts_the_time_channel():
+    """FFJORD's ConcatConv2d convolves ``[t, x]``: the default init bound is
+    ``1/√((in + 1) k²)``, and a wide layer's weights fill it."""
+    torch.manual_seed(0)
+    layer = ConcatConv2d(2, 128, kernel_size=3)
+    bound = 1.0 / math.sqrt((2 + 1) * 9)
+    for p in (layer.weight, layer.time_weight):
+        assert p.abs().max() <= bound
+        assert p.abs().max() >= 0.98 * bound  # 2304 (weight) / 1152 draws: close to the edge
+    assert layer.bias.abs().max() <= bound
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.7])
+def test_swish_with_beta_is_x_sigmoid_beta_x(beta, float64):
+    """``y = x σ(βx)`` and ``y' = σ(βx) + βx σ(βx)(1 − σ(βx))`` (= autograd) for β ≠ 1."""
+    act = Swish(beta)
+    x = torch.linspace(-4, 4, 33, requires_grad=True)
+    y, slope = act(x)
+    torch.testing.assert_close(y, x * torch.sigmoid(beta * x))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(slope, grad)
+    s = torch.sigmoid(beta * x)
+    torch.testing.assert_close(slope, s + beta * x * s * (1 - s))
