@@ -516,3 +516,13 @@ def test_image_splits_are_the_documented_slices(monkeypatch):
     assert train_ids == list(range(35)) and val_ids == list(range(35, 40))
     assert test_ids == list(range(100, 107))
     assert splits("data.val_size=5", "data.test_size=3", "data.subset=10")[::2] == [list(range(10)), list(range(100, 103))]
+
+
+def test_bits_per_dim_of_colour_images_count_every_channel():
+    """D = C·H·W: a uniform density on [0, 1)^D of 3×4×4 images has NLL 0 nats in
+    [0, 1) coordinates and exactly 8 bits per dimension (256 equally likely levels)."""
+    images = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    data = ImageData(images[:2], images[2:4], images[4:], seed=0, alpha=1e-6)
+    assert data.event_shape == (3, 4, 4)
+    assert data.metrics(0.0)["bits_per_dim"] == pytest.approx(8.0)
+    assert data.metrics(48 * math.log(2.0))["bits_per_dim"] == pytest.approx(9.0)  # one more bit each
