@@ -42,6 +42,15 @@ QUICK = ["--set", "train.iterations=4", "--set", "train.val_every=2", "--set", "
          "--set", "solver.rtol=1e-3", "--set", "solver.atol=1e-3"]
 
 
+def scalar_events(run, tag: str) -> list:
+    """Every TensorBoard scalar event of ``tag`` in ``run`` (``.step``, ``.value``), none sampled away."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars(tag)
+
+
 def run_train(out, *extra: str) -> int:
     """``train.py configs/toy.yaml --out out`` with :data:`QUICK` and ``extra`` settings."""
     return train.main(["configs/toy.yaml", "--out", str(out), *QUICK, *extra])

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from cnf.errors import ConfigError
+from helpers import scalar_events
 from pruning import compare
 
 TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
@@ -129,14 +130,6 @@ def test_an_interrupted_run_is_waited_for_not_reported_as_failed(tmp_path, capsy
         assert {r["status"] for r in csv.DictReader(f)} == {"done"}
 
 
-def events(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
-
-
 def test_seeds_train_their_own_runs_and_tables_report_final_values_and_sample_std(tmp_path):
     spec = write(tmp_path / "cmp.yaml", {
         "base": {"config": TOY, "set": [*TINY, "train.iterations=4", "train.val_every=2"]},
@@ -150,10 +143,10 @@ def test_seeds_train_their_own_runs_and_tables_report_final_values_and_sample_st
     for seed, row in runs.items():
         run_dir = out / row["run"]
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == seed
-        val = events(run_dir, "val/nll")
+        val = [e.value for e in scalar_events(run_dir, "val/nll")]
         assert len(val) == 2 and val[0] != val[-1]  # two validations: the table has the final one
         assert float(row["val_nll"]) == pytest.approx(val[-1])
-        assert float(row["test_nll"]) == pytest.approx(events(run_dir, "test/nll")[-1])
+        assert float(row["test_nll"]) == pytest.approx(scalar_events(run_dir, "test/nll")[-1].value)
     test_nll = [float(runs[s]["test_nll"]) for s in (0, 1)]
     assert test_nll[0] != test_nll[1]  # another seed: other data, weights and results
     with open(out / "results.csv") as f:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 from build import build_model, load_model
@@ -14,15 +13,13 @@ from cnf.checkpoint import load_checkpoint
 from cnf.config import load_config
 from cnf.data import ToyData, make_data
 from cnf.evaluate import evaluate
-from helpers import run_train
+from helpers import run_train, scalar_events
 from pruning.gates import expected_l0, flow_gates
 from pruning.pathreg import pathreg, weight_path_norm
 
 
 def scalar_steps(run, tag: str) -> list[int]:
-    events = EventAccumulator(str(run))
-    events.Reload()
-    return [e.step for e in events.Scalars(tag)]
+    return [e.step for e in scalar_events(run, tag)]
 
 
 def test_the_loss_is_the_nll_plus_each_penalty_times_its_own_weight():
