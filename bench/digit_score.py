@@ -1,7 +1,7 @@
 """How many samples of an MNIST flow a digit classifier recognizes.
 
     python bench/digit_score.py CHECKPOINT [CHECKPOINT ...] [--n 1000]
-        [--temperature 0.7 1.0] [--threshold 0.9] [--epochs 2] [--seed 0]
+        [--temperature 0.7 1.0] [--threshold 0.9] [--epochs 2] [--seed 0] [--diagnose]
 
 "Recognizable digits" as a figure instead of an impression. The script trains a
 small convolutional classifier on the MNIST training images of the first
@@ -15,6 +15,20 @@ temperature, it prints:
 * ``mean p``: the mean top-class probability.
 * ``classes``: how many of the 10 digits occur among the confident images, which
   shows whether the flow covers every digit or only a few.
+
+With ``--diagnose`` it also asks whether poor samples come from the model or from
+sampling. For each checkpoint it encodes the first ``--n`` test images (dequantized,
+logit-transformed) into latent codes ``z``, prints their per-dimension statistics
+(a flow whose base fits the data has mean 0 and variance 1), and scores two more
+image sets:
+
+* ``reconstructed``: the codes pushed back through the flow. These should score
+  like the test images; a gap means the inverse solve is inaccurate.
+* ``Gaussian fit``: the flow applied to draws from a Gaussian with the codes' mean
+  and full covariance instead of the standard normal base. If these score much
+  higher than the samples, the codes of real images are not standard normal and
+  the base is the problem; if not, the flow itself maps Gaussian noise to poor
+  images.
 
 The classifier is a proxy, in the spirit of the Inception score. A high
 ``confident`` share means the samples look like digits *to it*; it says nothing
@@ -35,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from build import load_model  # noqa: E402
 from cnf.config import DataConfig  # noqa: E402
 from cnf.errors import ConfigError, report_user_errors  # noqa: E402
-from cnf.images import downsample, load_mnist, logit_inverse  # noqa: E402
+from cnf.images import dequantize, downsample, load_mnist, logit_inverse, logit_transform  # noqa: E402
 
 
 def mnist_with_labels(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,14 +103,52 @@ def score(probs: Tensor, threshold: float) -> dict[str, float]:
 
 
 @torch.no_grad()
+def decode(model, z: Tensor, alpha: float) -> Tensor:
+    """Images in ``[0, 1]`` pixel space from latent codes ``z`` (the flow's inverse)."""
+    return logit_inverse(model.trace(z, reverse=True, density=False).out, alpha).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
 def draw(model, n: int, temperature: float, alpha: float, seed: int, batch_size: int = 500) -> Tensor:
     """``n`` samples in ``[0, 1]`` pixel space, reproducible from ``seed``."""
     torch.manual_seed(seed)
     chunks = []
     for start in range(0, n, batch_size):
-        z = model.base_noise(min(batch_size, n - start), temperature=temperature)
-        chunks.append(logit_inverse(model.trace(z, reverse=True, density=False).out, alpha).clamp(0.0, 1.0))
+        chunks.append(decode(model, model.base_noise(min(batch_size, n - start), temperature=temperature), alpha))
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode(model, pixels: Tensor, alpha: float, seed: int, batch_size: int = 500) -> Tensor:
+    """Latent codes of ``uint8`` images, dequantized with noise reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = logit_transform(dequantize(pixels, generator=generator), alpha)[0]
+    return torch.cat([model.trace(x[i:i + batch_size], density=False).out for i in range(0, len(x), batch_size)])
+
+
+def gaussian_fit(codes: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` draws from the Gaussian with the mean and covariance of ``codes`` (``(N, ...)``, N > D)."""
+    flat = codes.flatten(1).double()
+    mean, cov = flat.mean(0), torch.cov(flat.T)
+    chol = torch.linalg.cholesky(cov + 1e-8 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype))
+    noise = torch.randn(n, flat.shape[1], generator=torch.Generator().manual_seed(seed), dtype=flat.dtype)
+    return (mean + noise @ chol.T).to(codes.dtype).view(n, *codes.shape[1:])
+
+
+def diagnose(model, net: nn.Module, test: Tensor, alpha: float, seed: int, threshold: float,
+             name: str) -> list[tuple[str, str, dict[str, float]]]:
+    """Print the latent statistics of ``test`` and score its reconstructions and Gaussian-fit samples."""
+    codes = encode(model, test, alpha, seed)
+    flat = codes.flatten(1)
+    var = flat.var(0)
+    low, mid, high = var.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=var.dtype)).tolist()
+    print(f"{name}: codes of {len(test)} test images: mean |mean| {flat.mean(0).abs().mean():.3f}, "
+          f"variance median {mid:.3f} (5-95%: {low:.3f}-{high:.3f}); standard normal: 0, 1")
+    rebuilt = torch.cat([decode(model, codes[i:i + 500], alpha) for i in range(0, len(codes), 500)])
+    fitted = gaussian_fit(codes, len(test), seed)
+    fit_images = torch.cat([decode(model, fitted[i:i + 500], alpha) for i in range(0, len(fitted), 500)])
+    return [(f"{name} reconstructed", "-", score(probabilities(net, rebuilt), threshold)),
+            (f"{name} Gaussian fit", "-", score(probabilities(net, fit_images), threshold))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="classifier training epochs (default 2)")
     p.add_argument("--train-size", type=int, default=None, help="classifier training images (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--diagnose", action="store_true",
+                   help="also score reconstructions of test images and samples from a Gaussian fit to their codes")
     args = p.parse_args(argv)
     return report_user_errors(report, args)
 
@@ -125,6 +179,9 @@ def report(args: argparse.Namespace) -> int:
     train, train_labels, test, test_labels = mnist_with_labels(data_cfg)
     if args.train_size is not None:
         train, train_labels = train[:args.train_size], train_labels[:args.train_size]
+    if args.diagnose and args.n <= test[0].numel():
+        raise ConfigError(f"--diagnose fits a covariance to the codes of --n test images: --n must exceed "
+                          f"the {test[0].numel()} pixels of an image (got {args.n})")
     net = fit(train, train_labels, epochs=args.epochs, seed=args.seed)
     test_probs = probabilities(net, test.float() / 255)
     accuracy = (test_probs.argmax(-1) == test_labels).float().mean().item()
@@ -138,6 +195,8 @@ def report(args: argparse.Namespace) -> int:
         for t in args.temperature:
             samples = draw(model, args.n, t, config.data.logit_alpha, args.seed)
             rows.append((str(path), f"{t:g}", score(probabilities(net, samples), args.threshold)))
+        if args.diagnose:
+            rows += diagnose(model, net, test[:args.n], config.data.logit_alpha, args.seed, args.threshold, str(path))
     width = max(len(r[0]) for r in rows)
     print(f"{'images':<{width}}  T     confident  mean p  classes")
     for name, t, s in rows:

@@ -354,12 +354,61 @@ def test_digit_score_script_reports_every_checkpoint_and_temperature(mnist_root,
     assert "test accuracy" in out and "500 14x14 training images" in out
     assert len([line for line in out.splitlines() if line.startswith(ckpt)]) == 2  # one per temperature
 
+    assert digit_score.main(argv + ["--diagnose"]) == 2  # 8 codes cannot fit a 196-dimensional covariance
+    assert "--n must exceed the 196 pixels" in capsys.readouterr().err
+    argv[2] = "200"
+    assert digit_score.main(argv + ["--diagnose"]) == 0
+    out = capsys.readouterr().out
+    assert "codes of 200 test images" in out
+    assert any(line.startswith(f"{ckpt} reconstructed") for line in out.splitlines())
+    assert any(line.startswith(f"{ckpt} Gaussian fit") for line in out.splitlines())
+
     smoke = tmp_path / "smoke.yaml"
     smoke.write_text(yaml.safe_dump(SMOKE))
     assert train.main([str(smoke), "--out", str(tmp_path / "bars")]) == 0
     capsys.readouterr()
     assert digit_score.main([str(tmp_path / "bars" / "best.pt")]) == 2  # not an MNIST model
     assert "is not an MNIST model" in capsys.readouterr().err
+
+
+def test_gaussian_fit_draws_have_the_mean_and_covariance_of_the_codes():
+    from bench.digit_score import gaussian_fit
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.8, 0.6, 0.0, 0.0], [0.0, -0.5, 2.0, 0.0], [0.3, 0.0, 0.0, 0.1]])
+    codes = (torch.randn(3000, 4, generator=gen, dtype=torch.float64) @ mix.T.double() + 3.0).view(3000, 1, 2, 2)
+    draws = gaussian_fit(codes, 40000, seed=1)
+    assert draws.shape == (40000, 1, 2, 2) and draws.dtype == codes.dtype
+    flat, target = draws.flatten(1), codes.flatten(1)
+    cov = torch.cov(target.T)
+    se_mean = (cov.diagonal() / len(flat)).sqrt()
+    assert ((flat.mean(0) - target.mean(0)).abs() <= 5 * se_mean).all()
+    # the covariance of 40000 draws, entry by entry, within 5 standard errors of the fitted one
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / len(flat)).sqrt()
+    assert ((torch.cov(flat.T) - cov).abs() <= 5 * se_cov).all()
+    assert torch.equal(gaussian_fit(codes, 10, seed=1), gaussian_fit(codes, 10, seed=1))
+
+
+def test_encode_then_decode_gives_back_the_dequantized_images(tmp_path, capsys):
+    """What ``--diagnose`` calls reconstructions: images -> codes -> images, through the
+    flow's eval solver (dopri5 at 1e-7 here), returns the dequantized pixels."""
+    from bench.digit_score import decode, encode
+    from build import load_model
+    from cnf.images import dequantize
+
+    config = {**SMOKE, "solver": {**SMOKE["solver"], "test_method": "dopri5", "test_rtol": 1e-7, "test_atol": 1e-7}}
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert train.main([str(path), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    model = load_model(tmp_path / "run" / "best.pt", map_location="cpu")[0].eval()
+    pixels = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    codes = encode(model, pixels, alpha=1e-6, seed=3, batch_size=4)
+    assert codes.shape == pixels.shape
+    assert not torch.allclose(codes, logit_transform(dequantize(pixels, generator=torch.Generator().manual_seed(3)),
+                                                     1e-6)[0], atol=1e-2)  # the flow moved them
+    y = dequantize(pixels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(decode(model, codes, alpha=1e-6), y, atol=1e-4, rtol=0)
 
 
 # --- scripts -----------------------------------------------------------------------
