@@ -1,0 +1,161 @@
+"""The GPU path: a model gives the same numbers on an accelerator as on the CPU, and
+training, pruning, checkpoints and sampling run there end to end.
+
+Skipped without a GPU. ``CNF_TEST_DEVICE=cpu pytest tests/test_devices.py`` runs the
+same checks with the CPU standing in for the accelerator: that exercises the tests
+themselves (the comparisons are then trivially equal), not a GPU.
+
+The comparisons run in float64, where neither side uses TF32 and the two devices
+differ only in the rounding of their kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from build import build_model, load_model
+from cnf.config import from_dict
+from cnf.data import make_data
+from cnf.evaluate import evaluate
+from helpers import QUICK
+from pruning.scores import get_scorer
+
+
+def _accelerator() -> torch.device | None:
+    name = os.environ.get("CNF_TEST_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@pytest.fixture
+def device() -> torch.device:
+    found = _accelerator()
+    if found is None:
+        pytest.skip("needs a GPU (CNF_TEST_DEVICE=cpu runs these checks on the CPU)")
+    return found
+
+
+def _toy_config(solver=None):
+    # dopri5 at 1e-8 with the adjoint: should a step be accepted on one device and
+    # rejected on the other, the results still agree to about the tolerance.
+    return from_dict({
+        "data": {"name": "checkerboard"},
+        "model": {"hidden_dims": [16, 16], "num_blocks": 2, "layer_type": "concatsquash", "divergence": "exact"},
+        "solver": solver or {"method": "dopri5", "rtol": 1e-8, "atol": 1e-8, "adjoint": True},
+    })
+
+
+def _image_config():
+    # Exact divergence (one tangent per pixel) so that no probe is drawn from a
+    # device's own generator; rk4 so that both devices take the same steps.
+    return from_dict({
+        "data": {"name": "synthetic8", "val_size": 8, "test_size": 8},
+        "model": {"hidden_dims": [8], "num_blocks": 1, "divergence": "exact"},
+        "solver": {"method": "rk4", "step_size": 0.5, "adjoint": False},
+    })
+
+
+def _gradients(flow) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().cpu() for n, p in flow.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("config", [_toy_config, _image_config], ids=["toy-adjoint", "multiscale-images"])
+def test_log_prob_trace_and_gradients_match_the_cpu(device, float64, config):
+    cfg = config()
+    data = make_data(cfg.data, 0)
+    torch.manual_seed(0)
+    flow = build_model(cfg, data.event_shape)
+    x = data.preprocess(data.test[:8], torch.Generator().manual_seed(0))[0].double()
+    on_device = copy.deepcopy(flow).to(device)
+
+    results = []
+    for model, inputs in ((flow, x), (on_device, x.to(device))):
+        trace = model.trace(inputs)
+        log_prob = model.log_prob(inputs)
+        (-log_prob.mean() + trace.jac_norm.mean()).backward()
+        results.append((log_prob.detach().cpu(), trace.jac_norm.detach().cpu(), trace.out.detach().cpu(),
+                        _gradients(model)))
+    (lp, jac, z, grads), (lp_d, jac_d, z_d, grads_d) = results
+    torch.testing.assert_close(lp_d, lp, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(jac_d, jac, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(z_d, z, rtol=1e-7, atol=1e-7)
+    assert grads_d.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_d[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_samples_from_the_same_noise_match_the_cpu(device, float64):
+    cfg = _image_config()
+    torch.manual_seed(0)
+    flow = build_model(cfg, (1, 8, 8)).eval()
+    on_device = copy.deepcopy(flow).to(device)
+    noise = flow.base_noise(4, generator=torch.Generator().manual_seed(1))
+    noise_d = on_device.base_noise(4, generator=torch.Generator().manual_seed(1))
+    assert noise_d.device.type == device.type
+    torch.testing.assert_close(noise_d.cpu(), noise, rtol=0, atol=0)  # the same noise on any device
+    out = flow.trace(noise, reverse=True, density=False).out
+    out_d = on_device.trace(noise_d, reverse=True, density=False).out
+    torch.testing.assert_close(out_d.cpu(), out, rtol=1e-7, atol=1e-7)
+
+
+def test_evaluation_and_its_dequantization_noise_match_the_cpu(device, float64):
+    cfg = _image_config()
+    data = make_data(cfg.data, 0)
+    torch.manual_seed(0)
+    flow = build_model(cfg, data.event_shape)
+    on_cpu = evaluate(flow, data.test, batch_size=4, preprocess=data.preprocess)
+    on_device = evaluate(copy.deepcopy(flow).to(device), data.test, batch_size=4, preprocess=data.preprocess)
+    assert on_device.nll == pytest.approx(on_cpu.nll, rel=1e-9)
+    assert on_device.jac_norm == pytest.approx(on_cpu.jac_norm, rel=1e-9)
+    assert on_device.nfe == on_cpu.nfe
+
+
+def test_jacobian_spectrum_scores_match_the_cpu(device, float64):
+    # Fixed steps: a score near zero is a difference of gradients, compared here to 1e-12.
+    cfg = _toy_config({"method": "rk4", "step_size": 0.25, "adjoint": False})
+    data = make_data(cfg.data, 0)
+    torch.manual_seed(0)
+    flow = build_model(cfg, data.event_shape)
+    batches = [data.train_batch(64).double() for _ in range(2)]
+    scorer = get_scorer("jacobian_spectrum")
+    scores = scorer(flow, batches, cfg)
+    scores_d = scorer(copy.deepcopy(flow).to(device), [b.to(device) for b in batches], cfg)
+    assert scores_d.keys() == scores.keys()
+    for name, s in scores.items():
+        assert scores_d[name].device.type == device.type
+        torch.testing.assert_close(scores_d[name].cpu(), s, rtol=1e-5, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--set", "pruning.method=jacobian_spectrum", "--set", "pruning.sparsity=0.5"],
+    ["--set", "regularization.l0=0.01", "--set", "regularization.pathreg=0.01"],
+], ids=["pruned-at-init", "l0-pathreg"])
+def test_train_resume_and_sample_on_the_device(device, tmp_path, capsys, extra):
+    run = tmp_path / "run"
+    args = ["configs/toy.yaml", "--out", str(run), *QUICK, "--set", f"train.device={device}", *extra]
+    assert train.main(args) == 0
+    assert train.main([*args, "--resume", "--set", "train.iterations=6"]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+
+    # The checkpoint loads on the CPU, and a pruned mask still holds after training.
+    model, config, _ = load_model(run / "best.pt", map_location="cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    masked = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    for module in masked:
+        assert (module.weight[module.weight_mask == 0] == 0).all()
+    kept = torch.cat([m.weight_mask.flatten() for m in masked]).mean()
+    assert kept < 0.9 if config.pruning.method != "none" else kept == 1
+
+    for where in (str(device), "cpu"):
+        out = tmp_path / f"samples_{where.replace(':', '_')}.npy"
+        assert sample.main([str(run / "best.pt"), "--out", str(out), "--n", "16", "--device", where]) == 0
+        drawn = np.load(out)
+        assert drawn.shape == (16, 2) and np.isfinite(drawn).all()
