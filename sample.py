@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from build import load_model
-from cnf.distributed import resolve_device
+from cnf.distributed import resolve_device, use_tf32
 from cnf.errors import ConfigError, report_user_errors
 from cnf.flow import Flow
 from cnf.images import logit_inverse
@@ -67,6 +67,7 @@ def sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
     device = resolve_device(args.device, "--device", "--device cpu")
     model, config, _ = load_model(args.checkpoint, map_location=device)
+    use_tf32(config.train.tf32)
     if args.compact:
         from pruning.compact import compact
 

@@ -131,6 +131,7 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     if ctx.main:
         save_config(config, out / "config.yaml")
     device = ctx.device
+    distributed.use_tf32(tc.tf32)  # TF32 convolutions cost adaptive solvers steps (off by default)
     torch.manual_seed(config.seed)  # the same initial model on every rank
 
     # --- data and model ---------------------------------------------------------

@@ -16,12 +16,14 @@ import torch
 
 from build import build_model
 from cnf.data import make_data
+from cnf.distributed import use_tf32
 from cnf.ema import ParameterAverage
 from train import apply_update, make_optimizer, training_loss
 
 
 def training_setup(config, device: torch.device):
     """``(data, model, optimizer, average or None)`` as train.py builds them."""
+    use_tf32(config.train.tf32)
     torch.manual_seed(config.seed)
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape).to(device)

@@ -126,7 +126,8 @@ class TrainConfig:
     ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` at step 0 down to 0 at
     ``iterations``); ``ema_decay``: evaluate, sample and checkpoint an exponential
     moving average of the parameters with this decay (0: the last iterate; see
-    :mod:`cnf.ema`)."""
+    :mod:`cnf.ema`); ``tf32``: let float32 convolutions and matrix products on
+    NVIDIA GPUs use TF32 tensor cores (see :func:`cnf.distributed.use_tf32`)."""
 
     iterations: int = 10000
     batch_size: int = 100
@@ -143,6 +144,7 @@ class TrainConfig:
     grad_clip: float | None = None
     early_stopping: int = 0
     figures: bool = True
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         for key in ("iterations", "batch_size", "val_every", "val_batch_size", "checkpoint_every",

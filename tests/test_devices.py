@@ -1,12 +1,12 @@
 """The GPU path: a model gives the same numbers on an accelerator as on the CPU, and
-training, pruning, checkpoints and sampling run there end to end.
+training, pruning, checkpoints and sampling run there end to end; and the TF32
+setting that the scripts apply.
 
-Skipped without a GPU. ``CNF_TEST_DEVICE=cpu pytest tests/test_devices.py`` runs the
-same checks with the CPU standing in for the accelerator: that exercises the tests
-themselves (the comparisons are then trivially equal), not a GPU.
-
-The comparisons run in float64, where neither side uses TF32 and the two devices
-differ only in the rounding of their kernels.
+The tests that take the ``device`` fixture are skipped without a GPU.
+``CNF_TEST_DEVICE=cpu pytest tests/test_devices.py`` runs them with the CPU standing
+in for the accelerator: that exercises the tests themselves (the comparisons are
+then trivially equal), not a GPU. Those comparisons run in float64, where neither
+side uses TF32 and the two devices differ only in the rounding of their kernels.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import torch
 
 import sample
 import train
+from bench.tf32_emulation import round_to_tf32, tf32_convolutions
 from build import build_model, load_model
 from cnf.config import from_dict
 from cnf.data import make_data
 from cnf.evaluate import evaluate
-from helpers import QUICK
+from helpers import QUICK, run_train
 from pruning.scores import get_scorer
 
 
@@ -159,3 +160,57 @@ def test_train_resume_and_sample_on_the_device(device, tmp_path, capsys, extra):
         assert sample.main([str(run / "best.pt"), "--out", str(out), "--n", "16", "--device", where]) == 0
         drawn = np.load(out)
         assert drawn.shape == (16, 2) and np.isfinite(drawn).all()
+
+
+# --- TF32 ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restore PyTorch's TF32 flags after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _tf32_allowed() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_train_and_sample_apply_the_configs_tf32_setting(tmp_path, capsys, tf32_flags):
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+    assert run_train(tmp_path / "ieee") == 0
+    assert _tf32_allowed() == (False, False)  # train.tf32 is false by default
+    assert run_train(tmp_path / "tf32", "--set", "train.tf32=true") == 0
+    assert _tf32_allowed() == (True, True)
+    for run, allowed in (("ieee", (False, False)), ("tf32", (True, True)), ("ieee", (False, False))):
+        out = tmp_path / f"{run}.npy"
+        assert sample.main([str(tmp_path / run / "best.pt"), "--out", str(out), "--n", "4"]) == 0
+        assert _tf32_allowed() == allowed, run  # the checkpoint's setting
+    capsys.readouterr()
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits_to_nearest():
+    exact = torch.tensor([1.0, 1.0 + 2**-10, -4.0 * (1.0 + 5 * 2**-10), 2.0**-100, 0.0])
+    assert torch.equal(round_to_tf32(exact), exact)  # already 10-bit values stay as they are
+    # halfway cases and below/above them, around 1
+    below, above = 1.0 + 2**-11 - 2**-20, 1.0 + 2**-11 + 2**-20
+    assert round_to_tf32(torch.tensor([below, above])).tolist() == [1.0, 1.0 + 2**-10]
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.randint(-5, 5, (10000,))
+    rounded = round_to_tf32(x)
+    assert ((rounded - x).abs() <= x.abs() * 2**-11).all()  # half a unit in the 10th bit
+    assert (rounded.view(torch.int32) & (2**13 - 1) == 0).all()
+    assert ((rounded - x).abs() > 0).float().mean() > 0.99  # and random float32 values do move
+
+
+def test_tf32_convolutions_round_the_inputs_and_restore_conv2d():
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 5, 5, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    exact = F.conv2d
+    with tf32_convolutions():
+        emulated = F.conv2d(x, w, padding=1)
+    assert F.conv2d is exact
+    torch.testing.assert_close(emulated, exact(round_to_tf32(x), round_to_tf32(w), padding=1), rtol=0, atol=0)
+    assert not torch.equal(emulated, exact(x, w, padding=1))
