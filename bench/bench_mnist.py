@@ -35,7 +35,8 @@ def bench(config_path: str, overrides: list[str], device: torch.device, iteratio
     params = sum(p.numel() for p in model.parameters())
     blocks = len(model.blocks)
     print(f"{config_path} on {device}: {blocks} blocks, {params} parameters, batch {config.train.batch_size}, "
-          f"solver {model.blocks[0].solver.describe()}, torch threads {torch.get_num_threads()}")
+          f"solver {model.blocks[0].solver.describe()}, torch threads {torch.get_num_threads()}"
+          + (f", TF32 {'allowed' if config.train.tf32 else 'off'}" if device.type == "cuda" else ""))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, nfe_f, nfe_b, nll_sum = [], [], [], 0.0
