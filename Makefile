@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: setup demo test test-all bench data clean
+.PHONY: setup demo test test-all bench gpu data clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-all: setup data
 
 bench: setup
 	$(PY) bench/bench_toy.py --iterations 1000
+
+# With an NVIDIA GPU: the GPU tests, then FFJORD's MNIST config timed with TF32 off and on.
+gpu: setup data
+	$(PY) -m pytest tests/test_devices.py
+	$(PY) bench/bench_mnist.py --no-cpu
+	$(PY) bench/bench_mnist.py --no-cpu --set train.tf32=true
 
 clean:
 	rm -rf runs $(VENV)
