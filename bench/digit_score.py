@@ -103,9 +103,12 @@ def score(probs: Tensor, threshold: float) -> dict[str, float]:
 
 
 @torch.no_grad()
-def decode(model, z: Tensor, alpha: float) -> Tensor:
+def decode(model, z: Tensor, alpha: float, batch_size: int = 500) -> Tensor:
     """Images in ``[0, 1]`` pixel space from latent codes ``z`` (the flow's inverse)."""
-    return logit_inverse(model.trace(z, reverse=True, density=False).out, alpha).clamp(0.0, 1.0)
+    return torch.cat([
+        logit_inverse(model.trace(z[i:i + batch_size], reverse=True, density=False).out, alpha).clamp(0.0, 1.0)
+        for i in range(0, len(z), batch_size)
+    ])
 
 
 @torch.no_grad()
@@ -144,9 +147,8 @@ def diagnose(model, net: nn.Module, test: Tensor, alpha: float, seed: int, thres
     low, mid, high = var.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=var.dtype)).tolist()
     print(f"{name}: codes of {len(test)} test images: mean |mean| {flat.mean(0).abs().mean():.3f}, "
           f"variance median {mid:.3f} (5-95%: {low:.3f}-{high:.3f}); standard normal: 0, 1")
-    rebuilt = torch.cat([decode(model, codes[i:i + 500], alpha) for i in range(0, len(codes), 500)])
-    fitted = gaussian_fit(codes, len(test), seed)
-    fit_images = torch.cat([decode(model, fitted[i:i + 500], alpha) for i in range(0, len(fitted), 500)])
+    rebuilt = decode(model, codes, alpha)
+    fit_images = decode(model, gaussian_fit(codes, len(test), seed), alpha)
     return [(f"{name} reconstructed", "-", score(probabilities(net, rebuilt), threshold)),
             (f"{name} Gaussian fit", "-", score(probabilities(net, fit_images), threshold))]
 
