@@ -15,6 +15,10 @@ temperature, it prints:
 * ``mean p``: the mean top-class probability.
 * ``classes``: how many of the 10 digits occur among the confident images, which
   shows whether the flow covers every digit or only a few.
+* ``black`` and ``bright``: the shares of pixels at level 0 (below 1/256) and above
+  one half. They compare the samples' intensities with the test images' without
+  the classifier: a flow can get these marginals right and still draw broken
+  strokes, and a low temperature shows up as fainter strokes (fewer bright pixels).
 
 With ``--diagnose`` it also asks whether poor samples come from the model or from
 sampling. For each checkpoint it encodes the first ``--n`` test images (dequantized,
@@ -102,6 +106,16 @@ def score(probs: Tensor, threshold: float) -> dict[str, float]:
             "classes": float(label[confident].unique().numel())}
 
 
+def pixel_shares(images: Tensor) -> dict[str, float]:
+    """Shares of pixels at level 0 (``< 1/256``) and above ``1/2``, for images in ``[0, 1]``."""
+    return {"black": (images < 1 / 256).float().mean().item(), "bright": (images > 0.5).float().mean().item()}
+
+
+def rate(net: nn.Module, images: Tensor, threshold: float) -> dict[str, float]:
+    """The classifier's :func:`score` and the :func:`pixel_shares` of ``images`` in ``[0, 1]``."""
+    return {**score(probabilities(net, images), threshold), **pixel_shares(images)}
+
+
 @torch.no_grad()
 def decode(model, z: Tensor, alpha: float, batch_size: int = 500) -> Tensor:
     """Images in ``[0, 1]`` pixel space from latent codes ``z`` (the flow's inverse)."""
@@ -149,8 +163,8 @@ def diagnose(model, net: nn.Module, test: Tensor, alpha: float, seed: int, thres
           f"variance median {mid:.3f} (5-95%: {low:.3f}-{high:.3f}); standard normal: 0, 1")
     rebuilt = decode(model, codes, alpha)
     fit_images = decode(model, gaussian_fit(codes, len(test), seed), alpha)
-    return [(f"{name} reconstructed", "-", score(probabilities(net, rebuilt), threshold)),
-            (f"{name} Gaussian fit", "-", score(probabilities(net, fit_images), threshold))]
+    return [(f"{name} reconstructed", "-", rate(net, rebuilt, threshold)),
+            (f"{name} Gaussian fit", "-", rate(net, fit_images, threshold))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,18 +205,20 @@ def report(args: argparse.Namespace) -> int:
     print(f"classifier: {args.epochs} epoch{'s' if args.epochs != 1 else ''} on {len(train)} {size} training images, "
           f"test accuracy {accuracy:.4f}; confident means p >= {args.threshold}")
 
-    rows = [("test images", "-", score(test_probs[:args.n], args.threshold))]
+    rows = [("test images", "-", {**score(test_probs[:args.n], args.threshold),
+                                  **pixel_shares(test[:args.n].float() / 255)})]
     for path, model, config in loaded:
         model.eval()
         for t in args.temperature:
             samples = draw(model, args.n, t, config.data.logit_alpha, args.seed)
-            rows.append((str(path), f"{t:g}", score(probabilities(net, samples), args.threshold)))
+            rows.append((str(path), f"{t:g}", rate(net, samples, args.threshold)))
         if args.diagnose:
             rows += diagnose(model, net, test[:args.n], config.data.logit_alpha, args.seed, args.threshold, str(path))
     width = max(len(r[0]) for r in rows)
-    print(f"{'images':<{width}}  T     confident  mean p  classes")
+    print(f"{'images':<{width}}  T     confident  mean p  classes  black  bright")
     for name, t, s in rows:
-        print(f"{name:<{width}}  {t:<4}  {s['confident']:9.3f}  {s['mean p']:6.3f}  {s['classes']:7.0f}")
+        print(f"{name:<{width}}  {t:<4}  {s['confident']:9.3f}  {s['mean p']:6.3f}  {s['classes']:7.0f}"
+              f"  {s['black']:5.3f}  {s['bright']:6.3f}")
     return 0
 
 

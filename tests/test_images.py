@@ -11,7 +11,7 @@ import yaml
 
 import sample
 import train
-from cnf.config import load_config
+from cnf.config import DataConfig, load_config
 from cnf.conv import ConcatConv2d, ConvField
 from cnf.data import make_data
 from cnf.divergence import Exact
@@ -318,12 +318,21 @@ def test_digit_score_counts_confident_images_and_their_classes():
     assert s == {"confident": 0.75, "mean p": pytest.approx((0.95 + 0.92 + 0.5 + 0.91) / 4), "classes": 2.0}
 
 
+def test_pixel_shares_count_level_zero_and_bright_pixels():
+    from bench.digit_score import pixel_shares
+
+    # level 0 is y < 1/256; "bright" is y > 1/2: each boundary value falls on the other side
+    images = torch.tensor([0.0, 0.99 / 256, 1 / 256, 1 / 255, 0.3, 0.5, 0.51, 1.0]).view(2, 1, 2, 2)
+    assert pixel_shares(images) == {"black": 2 / 8, "bright": 2 / 8}
+    pixels = torch.tensor([0, 0, 0, 1, 127, 128, 200, 255], dtype=torch.uint8)
+    assert pixel_shares(pixels.float() / 255) == {"black": 3 / 8, "bright": 3 / 8}  # the test images' scale
+
+
 @needs_mnist
 def test_digit_classifier_recognizes_digits_and_not_noise(mnist_root):
     """The sample-quality proxy of bench/digit_score.py: a classifier trained briefly on
     14x14 MNIST is accurate on test digits and confident on them, but not on noise."""
     from bench.digit_score import fit, mnist_with_labels, probabilities, score
-    from cnf.config import DataConfig
 
     train_x, train_y, test_x, test_y = mnist_with_labels(DataConfig(name="mnist", root=str(mnist_root), downsample=2))
     assert train_x.shape == (60000, 1, 14, 14) and test_y.shape == (10000,)
@@ -353,6 +362,12 @@ def test_digit_score_script_reports_every_checkpoint_and_temperature(mnist_root,
     out = capsys.readouterr().out
     assert "test accuracy" in out and "500 14x14 training images" in out
     assert len([line for line in out.splitlines() if line.startswith(ckpt)]) == 2  # one per temperature
+    header = next(line for line in out.splitlines() if line.startswith("images"))
+    assert header.split()[-2:] == ["black", "bright"]
+    reference = next(line for line in out.splitlines() if line.startswith("test images")).split()
+    test_images = digit_score.mnist_with_labels(DataConfig(name="mnist", root=str(mnist_root), downsample=2))[2]
+    real = digit_score.pixel_shares(test_images[:8].float() / 255)
+    assert [float(v) for v in reference[-2:]] == [round(real["black"], 3), round(real["bright"], 3)]
 
     assert digit_score.main(argv + ["--diagnose"]) == 2  # 8 codes cannot fit a 196-dimensional covariance
     assert "--n must exceed the 196 pixels" in capsys.readouterr().err
