@@ -2,7 +2,7 @@
 and their cumulative Jacobian norm during training.
 
     python bench/figure2_mnist.py RUN_DIR [RUN_DIR ...] --out figure2.png
-        [--labels random jacobian_spectrum] [--n 36] [--temperature 0.7] [--seed 0]
+        [--labels random jacobian_spectrum] [--n 36] [--temperature 1] [--seed 0]
         [--max-step N]
 
 Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output .png")
     p.add_argument("--labels", nargs="*", default=None, help="one label per run (default: directory names)")
     p.add_argument("--n", type=int, default=36, help="images per panel (default 36)")
-    p.add_argument("--temperature", type=float, default=0.7, help="base noise scale (default 0.7)")
+    p.add_argument("--temperature", type=float, default=1.0, help="base noise scale (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared base noise")
     p.add_argument("--max-step", type=int, default=None, help="plot the curves up to this training step")
     args = p.parse_args(argv)
