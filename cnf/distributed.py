@@ -67,9 +67,20 @@ def use_tf32(enabled: bool) -> None:
     the dopri5 NFE of the trained 14x14 MNIST flow went from 117 to 384 with the
     same bits/dim (``bench/tf32_emulation.py``). Training and sampling scripts
     therefore call this with ``train.tf32``, which is false by default.
+
+    Only the legacy flags are written: setting PyTorch's newer ``fp32_precision``
+    API as well would make ``torch.backends.cudnn.flags()`` fail on mixed APIs.
+    Turning the legacy cuDNN flag off leaves the convolutions' precision unset, so
+    they inherit a ``"tf32"`` that the caller set at ``torch.backends.fp32_precision``
+    or ``torch.backends.cudnn.fp32_precision``; only in that case, where the APIs
+    are mixed already, are the cuDNN operations set to ``"ieee"`` explicitly.
     """
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cuda.matmul.allow_tf32 = enabled
+    cudnn = torch.backends.cudnn
+    if not enabled and getattr(getattr(cudnn, "conv", None), "fp32_precision", None) == "tf32":
+        cudnn.conv.fp32_precision = "ieee"
+        cudnn.rnn.fp32_precision = "ieee"  # the legacy getter wants conv and rnn to agree
 
 
 def setup(device_name: str) -> Context:

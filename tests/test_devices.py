@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +191,21 @@ def test_train_and_sample_apply_the_configs_tf32_setting(tmp_path, capsys, tf32_
         assert sample.main([str(tmp_path / run / "best.pt"), "--out", str(out), "--n", "4"]) == 0
         assert _tf32_allowed() == allowed, run  # the checkpoint's setting
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("level", ["torch.backends", "torch.backends.cudnn"])
+def test_tf32_off_overrides_a_tf32_precision_set_with_the_newer_api(level):
+    """A "tf32" set at a parent level of PyTorch's newer precision API survives the
+    legacy flag, so convolutions would keep TF32; use_tf32(False) must remove it.
+    Run in a fresh interpreter: these flags are process-wide."""
+    code = (f"import torch\n{level}.fp32_precision = 'tf32'\n"
+            "from cnf.distributed import use_tf32\nuse_tf32(False)\n"
+            "b = torch.backends\n"
+            "print(b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ieee", "ieee", "False", "False"]
 
 
 def test_tf32_rounding_keeps_ten_mantissa_bits_to_nearest():
