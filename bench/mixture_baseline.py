@@ -64,7 +64,11 @@ class Mixture:
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         chol = torch.linalg.cholesky(self.covariances)
-        return self.means[k] + (chol[k] @ noise[:, :, None]).squeeze(-1)
+        out = torch.empty_like(noise)
+        for j in k.unique().tolist():
+            rows = k == j
+            out[rows] = self.means[j] + noise[rows] @ chol[j].T
+        return out
 
 
 def fit_mixture(x: Tensor, k: int, *, iterations: int, seed: int, ridge: float = 1e-3) -> tuple[Mixture, list[float]]:
