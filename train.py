@@ -24,12 +24,12 @@ from tqdm import tqdm
 from build import build_model
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cnf import distributed
+from cnf.base import fit_base
 from cnf.config import Config, load_config, save_config, to_dict
 from cnf.data import make_data
 from cnf.ema import ParameterAverage
 from cnf.errors import CheckpointError, ConfigError, NonFiniteError, SolverError, TrainingError, UserError
 from cnf.evaluate import evaluate
-from cnf.flow import standard_normal_log_prob
 from cnf.images import sample_grid
 from cnf.solver import solver_failure
 from pruning.gates import flow_gates, gate_histograms
@@ -137,11 +137,15 @@ def train(args: argparse.Namespace, config: Config, ctx: distributed.Context) ->
     # --- data and model ---------------------------------------------------------
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape).to(device)
+    if saved is None and config.model.base_components:
+        fit_base_at_init(model, data, config, ctx)
     if saved is None and config.pruning.method != "none":
         from pruning.apply import prune_at_init
 
         report = prune_at_init(model, data, config, device)
         print(report, file=sys.stderr)
+        if config.model.base_components:  # the pruned flow maps the data elsewhere: refit
+            fit_base_at_init(model, data, config, ctx)
     # Ranks draw their own probes and gate samples, reproducibly from the seed.
     torch.manual_seed(config.seed + 7919 * ctx.rank)
     step_model = distributed.wrap(model, ctx)  # DistributedDataParallel under torchrun
@@ -473,12 +477,24 @@ def solver_gap_warning(gap: float, dims: int, solver) -> str | None:
     )
 
 
+def fit_base_at_init(model, data, config: Config, ctx: distributed.Context) -> None:
+    """Fit the mixture base to the untrained flow's latents. Every rank fits it from
+    the same examples and seed, and DDP broadcasts rank 0's buffers when it wraps the
+    model, so the ranks share one base."""
+    m = config.model
+    history, used = fit_base(model, data, size=m.base_fit_size, seed=config.seed)
+    if ctx.main:
+        print(f"base: {m.base_components}-component Gaussian mixture fitted by EM to the latents of "
+              f"{used} training examples (mean log-likelihood "
+              f"{history[0]:.1f} -> {history[-1]:.1f} nats per example)", file=sys.stderr)
+
+
 def training_loss(step_model, model, data, x, config: Config):
     """``(nll, loss, trace, penalties)`` of one training batch: the data NLL (nats per
     example, preprocessing included) plus the weighted RNODE and sparsity penalties."""
     x, pre_logdet = data.preprocess(x)  # images: dequantize, logit; else identity
     trace = step_model(x)
-    nll = -(standard_normal_log_prob(trace.out) + trace.logabsdet + pre_logdet).mean()
+    nll = -(model.base.log_prob(trace.out) + trace.logabsdet + pre_logdet).mean()
     r = config.regularization
     loss = nll
     if trace.kinetic is not None:

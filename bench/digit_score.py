@@ -23,13 +23,13 @@ temperature, it prints:
 With ``--diagnose`` it also asks whether poor samples come from the model or from
 sampling. For each checkpoint it encodes the first ``--n`` test images (dequantized,
 logit-transformed) into latent codes ``z``, prints their per-dimension statistics
-(a flow whose base fits the data has mean 0 and variance 1), and scores two more
-image sets:
+(a flow whose standard normal base fits the data has mean 0 and variance 1), and
+scores two more image sets:
 
 * ``reconstructed``: the codes pushed back through the flow. These should score
   like the test images; a gap means the inverse solve is inaccurate.
 * ``Gaussian fit``: the flow applied to draws from a Gaussian with the codes' mean
-  and full covariance instead of the standard normal base. If these score much
+  and full covariance instead of the model's base. If these score much
   higher than the samples, the codes of real images are not standard normal and
   the base is the problem; if not, the flow itself maps Gaussian noise to poor
   images.
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build import load_model  # noqa: E402
+from cnf.base import StandardNormal  # noqa: E402
 from cnf.config import DataConfig  # noqa: E402
 from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.images import dequantize, downsample, load_mnist, logit_inverse, logit_transform  # noqa: E402
@@ -159,8 +160,9 @@ def diagnose(model, net: nn.Module, test: Tensor, alpha: float, seed: int, thres
     flat = codes.flatten(1)
     var = flat.var(0)
     low, mid, high = var.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=var.dtype)).tolist()
+    reference = "standard normal: 0, 1" if isinstance(model.base, StandardNormal) else "the base is a mixture"
     print(f"{name}: codes of {len(test)} test images: mean |mean| {flat.mean(0).abs().mean():.3f}, "
-          f"variance median {mid:.3f} (5-95%: {low:.3f}-{high:.3f}); standard normal: 0, 1")
+          f"variance median {mid:.3f} (5-95%: {low:.3f}-{high:.3f}); {reference}")
     rebuilt = decode(model, codes, alpha)
     fit_images = decode(model, gaussian_fit(codes, len(test), seed), alpha)
     return [(f"{name} reconstructed", "-", rate(net, rebuilt, threshold)),

@@ -8,7 +8,8 @@ and their cumulative Jacobian norm during training.
 Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
 (for example the runs ``python -m pruning.compare configs/compare_mnist.yaml`` writes).
 The top row shows validation images of the first run's data and, per run, samples
-from the *same* base noise (so differences come from the models, not the draws);
+from the *same* base noise (so differences come from the models, not the draws; a
+run with a mixture base draws from its own mixture with the same seed);
 the bottom panel shows ``jacobian/cumulative_norm`` (R = Σ_blocks ∫ ‖∂f/∂z‖_F dt,
 Hutchinson estimate) against the training step for every run, with a dot at the
 step of the ``best.pt`` the samples come from; ``--max-step`` cuts the curves there.
@@ -86,9 +87,11 @@ def figure(args: argparse.Namespace) -> int:
     from torchvision.utils import make_grid
 
     panels = [("validation images", make_grid(data.val[: args.n].float() / 255, nrow=nrow, padding=2, pad_value=1.0))]
-    noise = torch.randn((args.n, *data.event_shape), generator=torch.Generator().manual_seed(args.seed))
     for (model, config, _), label in zip(loaded, labels):
-        panels.append((f"{label} samples", sample_grid(model, noise * args.temperature, config.data.logit_alpha, nrow)))
+        # each model's own base (a fitted mixture, or N(0, I)), drawn from the same seed
+        noise = model.base_noise(args.n, generator=torch.Generator().manual_seed(args.seed),
+                                 temperature=args.temperature)
+        panels.append((f"{label} samples", sample_grid(model, noise, config.data.logit_alpha, nrow)))
 
     fig = plt.figure(figsize=(3.2 * len(panels), 6.4))
     grid = fig.add_gridspec(2, len(panels), height_ratios=[1.0, 0.8])

@@ -13,8 +13,10 @@ Gaussian. Set beside a flow's row, the table separates what the likelihood measu
 from what the classifier does: a mixture's components are blurred prototypes of
 digits, so its samples can be recognizable at a likelihood far below a flow's.
 
-EM adds ``ridge`` (1e-3, in logit units, whose scale is about 3) to each covariance,
-which keeps components with few images invertible; the fit runs in float64.
+The mixtures are :mod:`cnf.base`'s, the same EM that fits a flow's mixture base
+(``model.base_components``). EM adds a ridge of 1e-3 (in logit units, whose scale is
+about 3) to each covariance, which keeps components with few images invertible;
+the fit runs in float64.
 
 References: Dempster, Laird and Rubin 1977 (EM); Bishop 2006, section 9.2.
 """
@@ -22,83 +24,18 @@ References: Dempster, Laird and Rubin 1977 (EM); Bishop 2006, section 9.2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.digit_score import fit, mnist_with_labels, rate  # noqa: E402
+from cnf.base import GaussianMixture, fit_gaussian_mixture  # noqa: E402
 from cnf.config import load_config  # noqa: E402
 from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.images import bits_per_dim, dequantize, load_images, logit_inverse, logit_transform  # noqa: E402
-
-
-@dataclass
-class Mixture:
-    """``K`` Gaussians in ``D`` dimensions: log weights ``(K,)``, means ``(K, D)``, covariances ``(K, D, D)``."""
-
-    log_weights: Tensor
-    means: Tensor
-    covariances: Tensor
-
-    def components(self) -> torch.distributions.MultivariateNormal:
-        return torch.distributions.MultivariateNormal(self.means, self.covariances)
-
-    def joint_log_prob(self, x: Tensor, batch_size: int = 4096) -> Tensor:
-        """``log w_k + log N(x_n; μ_k, Σ_k)`` for every point and component, ``(N, K)``."""
-        gaussians = self.components()
-        return torch.cat([gaussians.log_prob(x[i:i + batch_size, None]) for i in range(0, len(x), batch_size)]) \
-            + self.log_weights
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log Σ_k w_k N(x; μ_k, Σ_k)`` per point, ``(N,)``."""
-        return self.joint_log_prob(x).logsumexp(1)
-
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` draws: a component by its weight, then a point from it."""
-        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
-        chol = torch.linalg.cholesky(self.covariances)
-        out = torch.empty_like(noise)
-        for j in k.unique().tolist():
-            rows = k == j
-            out[rows] = self.means[j] + noise[rows] @ chol[j].T
-        return out
-
-
-def fit_mixture(x: Tensor, k: int, *, iterations: int, seed: int, ridge: float = 1e-3) -> tuple[Mixture, list[float]]:
-    """EM for a ``k``-component full-covariance mixture of the rows of ``x`` ``(N, D)``.
-
-    Starts from ``k`` distinct random rows as means, the data covariance for every
-    component and equal weights. Returns the mixture and the mean log-likelihood
-    before each M step (non-decreasing for ``ridge = 0``).
-    """
-    n, d = x.shape
-    if not 1 <= k <= n:
-        raise ConfigError(f"a mixture of {k} components needs 1 to {n} points")
-    generator = torch.Generator().manual_seed(seed)
-    centred = x - x.mean(0)
-    shared = centred.T @ centred / n + ridge * torch.eye(d, dtype=x.dtype)
-    mixture = Mixture(torch.full((k,), -math.log(k), dtype=x.dtype),
-                      x[torch.randperm(n, generator=generator)[:k]].clone(), shared.expand(k, d, d).clone())
-    history = []
-    for _ in range(iterations):
-        joint = mixture.joint_log_prob(x)
-        total = joint.logsumexp(1, keepdim=True)
-        history.append(total.mean().item())
-        resp = (joint - total).exp()                       # (N, K) responsibilities
-        counts = resp.sum(0).clamp_min(torch.finfo(x.dtype).tiny)
-        means = resp.T @ x / counts[:, None]
-        covariances = torch.stack([
-            (resp[:, j, None] * (x - means[j])).T @ (x - means[j]) / counts[j] for j in range(k)
-        ]) + ridge * torch.eye(d, dtype=x.dtype)
-        mixture = Mixture((counts / n).log(), means, covariances)
-    return mixture, history
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,9 +72,11 @@ def report(args: argparse.Namespace) -> int:
               f"classifier confident means p >= {args.threshold}")
         print("components  test bits/dim  confident  mean p  classes  black  bright")
         for k in args.components:
-            mixture, _ = fit_mixture(x_train, k, iterations=args.iterations, seed=args.seed)
+            mixture = GaussianMixture(dims, k).double()
+            mixture.set(*fit_gaussian_mixture(x_train, k, iterations=args.iterations, seed=args.seed)[0])
             nll = -(mixture.log_prob(x_test) + logdet).mean()
-            samples = logit_inverse(mixture.sample(args.n, generator), cfg.logit_alpha).clamp(0.0, 1.0)
+            draws = mixture.sample(args.n, generator=generator, dtype=torch.float64)
+            samples = logit_inverse(draws, cfg.logit_alpha).clamp(0.0, 1.0)
             s = rate(net, samples.float().view(args.n, *shape), args.threshold)
             print(f"{k:10d}  {bits_per_dim(nll.item(), dims):13.3f}  {s['confident']:9.3f}  {s['mean p']:6.3f}"
                   f"  {s['classes']:7.0f}  {s['black']:5.3f}  {s['bright']:6.3f}")

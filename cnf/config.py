@@ -80,8 +80,18 @@ class ModelConfig:
     # Per-block widths, blocks in data-to-latent order (null: every block uses hidden_dims).
     # pruning.compact writes them; image configs use them to widen the cheap coarse scales.
     block_hidden_dims: list[list[int]] | None = None
+    # The base distribution: 0 is FFJORD's N(0, I); K >= 1 fits a K-component
+    # full-covariance Gaussian mixture by EM to the latents of base_fit_size training
+    # examples through the untrained flow, then keeps it fixed (see cnf/base.py).
+    base_components: int = 0
+    base_fit_size: int = 10000
 
     def __post_init__(self) -> None:
+        _check(self.base_components >= 0,
+               f"model.base_components must be 0 (standard normal) or a number of mixture components "
+               f"(got {self.base_components})")
+        _check(self.base_fit_size >= max(1, self.base_components),
+               f"model.base_fit_size must be at least model.base_components and positive (got {self.base_fit_size})")
         _check(self.block_hidden_dims is None or all(
                    len(dims) == len(self.hidden_dims) and all(h > 0 for h in dims) for dims in self.block_hidden_dims),
                "model.block_hidden_dims must be null or, per block, as many positive widths as model.hidden_dims "

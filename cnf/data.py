@@ -50,6 +50,11 @@ class DataSource:
         """Figures derived from a mean data-space NLL (images: ``bits_per_dim``)."""
         return {}
 
+    def training_sample(self, n: int, seed: int) -> Tensor:
+        """Up to ``n`` training examples drawn with their own ``seed``, leaving the
+        training stream (and so the batches of a run) untouched."""
+        raise NotImplementedError
+
 
 class ToyData(DataSource):
     """A 2-D toy density: fresh training samples every batch (as FFJORD does)."""
@@ -66,6 +71,9 @@ class ToyData(DataSource):
 
     def train_batch(self, batch_size: int) -> Tensor:
         return torch.from_numpy(sample_toy(self.name, batch_size, self.rng))
+
+    def training_sample(self, n: int, seed: int) -> Tensor:
+        return torch.from_numpy(sample_toy(self.name, n, np.random.default_rng(seed)))
 
 
 class ArrayData(DataSource):
@@ -89,6 +97,10 @@ class ArrayData(DataSource):
         idx = self._order[self._pos : self._pos + batch_size]
         self._pos += batch_size
         return self.train[idx]
+
+    def training_sample(self, n: int, seed: int) -> Tensor:
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
+        return self.train[order[:n]]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "order": self._order.clone(), "pos": self._pos}

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from cnf.flow import Flow, standard_normal_log_prob
+from cnf.flow import Flow
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def evaluate(
                 if preprocess is not None:
                     x, logdet = preprocess(x, generator)
                 trace = flow.trace(x)
-                nll -= (standard_normal_log_prob(trace.out) + trace.logabsdet + logdet).sum().item()
+                nll -= (flow.base.log_prob(trace.out) + trace.logabsdet + logdet).sum().item()
                 jac += trace.jac_norm.sum().item()
                 nfe += trace.nfe_forward * len(x)
         finally:

@@ -1,9 +1,11 @@
-"""A continuous normalizing flow: a stack of CNF blocks over a standard normal.
+"""A continuous normalizing flow: a stack of CNF blocks over a base distribution.
 
 Sign convention (stated once, tested against closed forms): blocks integrate data
 ``x = z(0)`` to latents ``z(T)``, and
 
-    log p(x) = log N(z(T); 0, I) + Σ_blocks ∫_0^T tr(∂f/∂z) dt.
+    log p(x) = log p_base(z(T)) + Σ_blocks ∫_0^T tr(∂f/∂z) dt,
+
+with FFJORD's ``p_base = N(0, I)`` unless a fitted mixture is given (:mod:`cnf.base`).
 
 Sampling runs the blocks in reverse order, each from ``T`` back to ``0``.
 
@@ -19,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from cnf.base import StandardNormal
 from cnf.errors import SolverError
 from cnf.odeblock import CNFBlock, NFECounter
 
@@ -56,11 +59,6 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
-def standard_normal_log_prob(z: Tensor) -> Tensor:
-    """``log N(z; 0, I)`` summed over all but the batch dimension."""
-    return -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1)
-
-
 class PassTotals:
     """Running sums of the per-block measurements of one pass through a flow."""
 
@@ -93,12 +91,16 @@ class PassTotals:
 
 
 class Flow(nn.Module):
-    """A stack of :class:`CNFBlock` with a standard normal base on ``event_shape``."""
+    """A stack of :class:`CNFBlock` over a base distribution on ``event_shape``.
 
-    def __init__(self, blocks: Sequence[CNFBlock], event_shape: Sequence[int]) -> None:
+    ``base`` (default ``N(0, I)``) has ``log_prob`` and ``sample`` as in :mod:`cnf.base`.
+    """
+
+    def __init__(self, blocks: Sequence[CNFBlock], event_shape: Sequence[int], base: nn.Module | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.event_shape = tuple(event_shape)
+        self.base = base if base is not None else StandardNormal(math.prod(self.event_shape))
 
     def trace(self, x: Tensor, *, reverse: bool = False, density: bool = True) -> FlowTrace:
         """Push ``x`` through all blocks (data -> latent, or latent -> data if ``reverse``).
@@ -123,19 +125,19 @@ class Flow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p(x)`` per sample, shape ``(B,)``."""
         t = self.trace(x)
-        return standard_normal_log_prob(t.out) + t.logabsdet
+        return self.base.log_prob(t.out) + t.logabsdet
 
     def base_noise(
         self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> Tensor:
         """``n`` draws from the base distribution, scaled by ``temperature``.
 
-        Drawn on the CPU (with ``generator`` if given, for fixed noise) and moved to
-        the model's device, so the same seed gives the same noise on any device.
+        Its randomness is drawn on the CPU (with ``generator`` if given, for fixed
+        noise), so the same seed gives the same noise on any device.
         """
         ref = next(self.parameters())
-        z = torch.randn((n, *self.event_shape), generator=generator, dtype=ref.dtype)
-        return z.to(ref.device) * temperature
+        z = self.base.sample(n, generator=generator, temperature=temperature, dtype=ref.dtype, device=ref.device)
+        return z.view(n, *self.event_shape)
 
     def sample(self, n: int, *, temperature: float = 1.0) -> Tensor:
         """``n`` samples of shape ``(n, *event_shape)`` (no log-density computed)."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import math
+
 from torch import nn
 
+from cnf.base import GaussianMixture
 from cnf.config import Config
 from cnf.divergence import make_divergence
 from cnf.errors import ConfigError
@@ -91,12 +94,14 @@ def build_flow(
             gates=make_gates(field) if make_gates else None,
         )
 
+    # An unfitted mixture is N(0, I); train.py fits it (cnf.base.fit_base), checkpoints keep it.
+    base = GaussianMixture(math.prod(event_shape), m.base_components) if m.base_components else None
     if len(event_shape) == 3:
         shapes = scale_shapes(event_shape, m.scales or default_scales(event_shape))
         scales = [(make_blocks(before), make_blocks(after) if after else []) for before, after in shapes]
-        flow: Flow = MultiscaleFlow(scales, event_shape)
+        flow: Flow = MultiscaleFlow(scales, event_shape, base)
     else:
-        flow = Flow(make_blocks(event_shape), event_shape)
+        flow = Flow(make_blocks(event_shape), event_shape, base)
     if m.block_hidden_dims is not None and len(m.block_hidden_dims) != len(flow.blocks):
         raise ConfigError(
             f"model.block_hidden_dims lists {len(m.block_hidden_dims)} blocks but the flow has "

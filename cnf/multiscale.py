@@ -12,7 +12,7 @@ the deeper scales are concatenated and unsqueezed back, scale by scale. Squeezin
 only permutes entries and factoring out only routes them, so the map is a
 bijection onto ``(C, H, W)`` whose log-determinant is the sum of the blocks', and
 
-    log p(x) = log N(z; 0, I) + Σ_blocks ∫_0^T tr(∂f/∂z) dt,
+    log p(x) = log p_base(z) + Σ_blocks ∫_0^T tr(∂f/∂z) dt,
 
 the convention of :class:`cnf.flow.Flow`, whose interface this class keeps.
 
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cnf.errors import ConfigError
 from cnf.flow import Flow, FlowTrace, PassTotals
@@ -76,18 +76,22 @@ def scale_shapes(event_shape: Sequence[int], scales: int) -> list[tuple[tuple[in
 
 
 class MultiscaleFlow(Flow):
-    """A multiscale stack of :class:`CNFBlock` over a standard normal on ``event_shape``.
+    """A multiscale stack of :class:`CNFBlock` over a base distribution on ``event_shape``.
 
     Args:
         scales: per scale, ``(blocks before the squeeze, blocks after it)``; the
             last scale has no squeeze and its second list must be empty.
         event_shape: ``(C, H, W)`` of the data.
+        base: the distribution of the latents (default ``N(0, I)``), see :mod:`cnf.base`.
 
     ``blocks`` lists every block once, in data-to-latent order, so code that walks
     ``flow.blocks`` (pruning, tracking) sees all of them.
     """
 
-    def __init__(self, scales: Sequence[tuple[Sequence[CNFBlock], Sequence[CNFBlock]]], event_shape: Sequence[int]) -> None:
+    def __init__(
+        self, scales: Sequence[tuple[Sequence[CNFBlock], Sequence[CNFBlock]]], event_shape: Sequence[int],
+        base: nn.Module | None = None,
+    ) -> None:
         if not scales or len(scales[-1][1]) > 0:
             raise ConfigError("a multiscale flow needs at least one scale, and none after the last squeeze")
         flat, ranges, start = [], [], 0
@@ -95,7 +99,7 @@ class MultiscaleFlow(Flow):
             flat += [*before, *after]
             ranges.append((range(start, start + len(before)), range(start + len(before), len(flat))))
             start = len(flat)
-        super().__init__(flat, event_shape)
+        super().__init__(flat, event_shape, base)
         self._ranges = ranges
 
     def trace(self, x: Tensor, *, reverse: bool = False, density: bool = True) -> FlowTrace:

@@ -44,22 +44,22 @@ from torch import Tensor, nn
 from cnf.activations import Activation
 from cnf.config import Config
 from cnf.errors import ConfigError
-from cnf.flow import Flow, FlowTrace, standard_normal_log_prob
+from cnf.flow import Flow, FlowTrace
 from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top
 
 Scores = dict[str, Tensor]
 Scorer = Callable[[Flow, Sequence[Tensor], Config], Scores]
 
 
-def _nll(trace: FlowTrace) -> Tensor:
-    return -(standard_normal_log_prob(trace.out) + trace.logabsdet).mean()
+def _nll(model: Flow, trace: FlowTrace) -> Tensor:
+    return -(model.base.log_prob(trace.out) + trace.logabsdet).mean()
 
 
-def _jac_norm(trace: FlowTrace) -> Tensor:
+def _jac_norm(model: Flow, trace: FlowTrace) -> Tensor:  # noqa: ARG001
     return trace.jac_norm.mean()
 
 
-OBJECTIVES: dict[str, Callable[[FlowTrace], Tensor]] = {"nll": _nll, "jac_norm": _jac_norm}
+OBJECTIVES: dict[str, Callable[[Flow, FlowTrace], Tensor]] = {"nll": _nll, "jac_norm": _jac_norm}
 
 
 def objective_gradients(
@@ -82,7 +82,7 @@ def objective_gradients(
             trace = model.trace(x)
             for i, obj in enumerate(objectives):
                 grads = torch.autograd.grad(
-                    OBJECTIVES[obj](trace), params, retain_graph=i + 1 < len(objectives), allow_unused=True
+                    OBJECTIVES[obj](model, trace), params, retain_graph=i + 1 < len(objectives), allow_unused=True
                 )
                 for acc, g in zip(total[obj], grads):
                     if g is not None:
@@ -199,7 +199,7 @@ def grasp_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scor
     hg = [torch.zeros_like(p) for p in params]
     twin.train()
     for x in batches:
-        grads = torch.autograd.grad(_nll(twin.trace(x)), params, create_graph=True)
+        grads = torch.autograd.grad(_nll(twin, twin.trace(x)), params, create_graph=True)
         inner = sum((g[n] * gr).sum() for n, gr in zip(names, grads))
         for acc, h in zip(hg, torch.autograd.grad(inner, params, allow_unused=True)):
             if h is not None:

@@ -25,6 +25,7 @@ import sample
 import train
 from bench.tf32_emulation import round_to_tf32, tf32_convolutions
 from build import build_model, load_model
+from cnf.base import fit_gaussian_mixture
 from cnf.config import from_dict
 from cnf.data import make_data
 from cnf.evaluate import evaluate
@@ -57,26 +58,40 @@ def _toy_config(solver=None):
     })
 
 
-def _image_config():
+def _image_config(base_components: int = 0):
     # Exact divergence (one tangent per pixel) so that no probe is drawn from a
     # device's own generator; rk4 so that both devices take the same steps.
     return from_dict({
         "data": {"name": "synthetic8", "val_size": 8, "test_size": 8},
-        "model": {"hidden_dims": [8], "num_blocks": 1, "divergence": "exact"},
+        "model": {"hidden_dims": [8], "num_blocks": 1, "divergence": "exact", "base_components": base_components},
         "solver": {"method": "rk4", "step_size": 0.5, "adjoint": False},
     })
+
+
+def _image_mixture_config():
+    return _image_config(base_components=3)
+
+
+def _fit_any_mixture(flow) -> None:
+    """A fitted-looking mixture base (distinct means, correlated covariances)."""
+    if getattr(flow.base, "components", 0):
+        points = torch.randn(300, flow.base.dims, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        points[:100] += 2.0
+        flow.base.set(*fit_gaussian_mixture(points, flow.base.components, iterations=3, seed=0, ridge=0.1)[0])
 
 
 def _gradients(flow) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().cpu() for n, p in flow.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("config", [_toy_config, _image_config], ids=["toy-adjoint", "multiscale-images"])
+@pytest.mark.parametrize("config", [_toy_config, _image_config, _image_mixture_config],
+                         ids=["toy-adjoint", "multiscale-images", "mixture-base"])
 def test_log_prob_trace_and_gradients_match_the_cpu(device, float64, config):
     cfg = config()
     data = make_data(cfg.data, 0)
     torch.manual_seed(0)
     flow = build_model(cfg, data.event_shape)
+    _fit_any_mixture(flow)
     x = data.preprocess(data.test[:8], torch.Generator().manual_seed(0))[0].double()
     on_device = copy.deepcopy(flow).to(device)
 
@@ -96,15 +111,17 @@ def test_log_prob_trace_and_gradients_match_the_cpu(device, float64, config):
         torch.testing.assert_close(grads_d[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_samples_from_the_same_noise_match_the_cpu(device, float64):
-    cfg = _image_config()
+@pytest.mark.parametrize("config", [_image_config, _image_mixture_config], ids=["standard-normal", "mixture-base"])
+def test_samples_from_the_same_noise_match_the_cpu(device, float64, config):
     torch.manual_seed(0)
-    flow = build_model(cfg, (1, 8, 8)).eval()
+    flow = build_model(config(), (1, 8, 8)).eval()
+    _fit_any_mixture(flow)
     on_device = copy.deepcopy(flow).to(device)
     noise = flow.base_noise(4, generator=torch.Generator().manual_seed(1))
     noise_d = on_device.base_noise(4, generator=torch.Generator().manual_seed(1))
     assert noise_d.device.type == device.type
-    torch.testing.assert_close(noise_d.cpu(), noise, rtol=0, atol=0)  # the same noise on any device
+    # the same draws on any device (a mixture's μ_k + L_k ε is computed there)
+    torch.testing.assert_close(noise_d.cpu(), noise, rtol=1e-12, atol=1e-12)
     out = flow.trace(noise, reverse=True, density=False).out
     out_d = on_device.trace(noise_d, reverse=True, density=False).out
     torch.testing.assert_close(out_d.cpu(), out, rtol=1e-7, atol=1e-7)
@@ -141,7 +158,9 @@ def test_jacobian_spectrum_scores_match_the_cpu(device, float64):
 @pytest.mark.parametrize("extra", [
     ["--set", "pruning.method=jacobian_spectrum", "--set", "pruning.sparsity=0.5"],
     ["--set", "regularization.l0=0.01", "--set", "regularization.pathreg=0.01"],
-], ids=["pruned-at-init", "l0-pathreg"])
+    ["--set", "model.base_components=3", "--set", "model.base_fit_size=300",
+     "--set", "pruning.method=jacobian_spectrum", "--set", "pruning.sparsity=0.5"],
+], ids=["pruned-at-init", "l0-pathreg", "mixture-base"])
 def test_train_resume_and_sample_on_the_device(device, tmp_path, capsys, extra):
     run = tmp_path / "run"
     args = ["configs/toy.yaml", "--out", str(run), *QUICK, "--set", f"train.device={device}", *extra]

@@ -17,7 +17,8 @@ ARGS = ["configs/toy.yaml", "--set", "train.iterations=2", "--set", "train.batch
         "--set", "model.hidden_dims=[16,16]", "--set", "solver.method=rk4", "--set", "solver.step_size=0.1",
         "--set", "solver.adjoint=false", "--set", "train.val_every=2", "--set", "data.val_size=64",
         "--set", "data.test_size=64", "--set", "train.figures=false", "--set", "train.device=cpu",
-        "--set", "pruning.method=magnitude", "--set", "pruning.sparsity=0.5", "--set", "train.ema_decay=0.9"]
+        "--set", "pruning.method=magnitude", "--set", "pruning.sparsity=0.5", "--set", "train.ema_decay=0.9",
+        "--set", "model.base_components=2", "--set", "model.base_fit_size=200"]
 
 
 def run(cmd, cwd):

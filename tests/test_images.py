@@ -17,7 +17,7 @@ from cnf.data import make_data
 from cnf.divergence import Exact
 from cnf.errors import ConfigError, DataError
 from cnf.evaluate import evaluate
-from cnf.flow import standard_normal_log_prob
+from cnf.base import standard_normal_log_prob
 from cnf.images import ImageData, bits_per_dim, downsample, load_mnist, logit_inverse, logit_transform
 from cnf.model import build_flow
 from cnf.multiscale import default_scales, scale_shapes, squeeze, unsqueeze
@@ -402,45 +402,6 @@ def test_gaussian_fit_draws_have_the_mean_and_covariance_of_the_codes():
     se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / len(flat)).sqrt()
     assert ((torch.cov(flat.T) - cov).abs() <= 5 * se_cov).all()
     assert torch.equal(gaussian_fit(codes, 10, seed=1), gaussian_fit(codes, 10, seed=1))
-
-
-def test_one_component_mixture_is_the_maximum_likelihood_gaussian():
-    from bench.mixture_baseline import fit_mixture
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 3, generator=gen, dtype=torch.float64) @ torch.tensor(
-        [[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [-1.0, 0.3, 0.5]], dtype=torch.float64) + 4.0
-    mixture, _ = fit_mixture(x, 1, iterations=1, seed=0, ridge=1e-3)
-    mean, cov = x.mean(0), torch.cov(x.T, correction=0) + 1e-3 * torch.eye(3, dtype=x.dtype)
-    torch.testing.assert_close(mixture.log_weights, torch.zeros(1, dtype=x.dtype))
-    torch.testing.assert_close(mixture.means[0], mean)
-    torch.testing.assert_close(mixture.covariances[0], cov)
-    gaussian = torch.distributions.MultivariateNormal(mean, cov)
-    torch.testing.assert_close(mixture.log_prob(x), gaussian.log_prob(x))
-
-
-def test_mixture_em_recovers_two_clusters_and_never_lowers_the_likelihood():
-    from bench.mixture_baseline import fit_mixture
-
-    gen = torch.Generator().manual_seed(1)
-    n = 4000
-    first = torch.rand(n, generator=gen) < 0.3
-    centres = torch.where(first[:, None], torch.tensor([-3.0, 0.0]), torch.tensor([3.0, 1.0])).double()
-    x = centres + 0.5 * torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    mixture, history = fit_mixture(x, 2, iterations=20, seed=0, ridge=0.0)
-    assert all(b >= a - 1e-12 for a, b in zip(history, history[1:]))  # EM's guarantee
-    order = mixture.means[:, 0].argsort()
-    torch.testing.assert_close(mixture.log_weights[order].exp(), torch.tensor([0.3, 0.7], dtype=x.dtype),
-                               atol=0.02, rtol=0)
-    torch.testing.assert_close(mixture.means[order], torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=x.dtype),
-                               atol=0.05, rtol=0)
-    # log p is the log of the weighted sum of the two densities, written out
-    w, m, c = mixture.log_weights.exp(), mixture.means, mixture.covariances
-    density = sum(w[j] * torch.distributions.MultivariateNormal(m[j], c[j]).log_prob(x[:5]).exp() for j in range(2))
-    torch.testing.assert_close(mixture.log_prob(x[:5]), density.log())
-    # its draws fall into the clusters in proportion to the weights
-    draws = mixture.sample(20000, torch.Generator().manual_seed(2))
-    assert abs((draws[:, 0] < 0).double().mean().item() - w[order[0]].item()) < 0.015
 
 
 def test_mixture_baseline_script_prints_a_row_per_mixture(mnist_root, tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 
 import train
 from build import load_model
-from cnf.flow import standard_normal_log_prob
+from cnf.base import standard_normal_log_prob
 from cnf.toy import sample_toy
 
 

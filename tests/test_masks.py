@@ -12,7 +12,7 @@ from cnf.checkpoint import load_checkpoint, save_checkpoint
 from cnf.config import from_dict, load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
-from cnf.flow import standard_normal_log_prob
+from cnf.base import standard_normal_log_prob
 from pruning.apply import prune_at_init
 from pruning.masks import mask_buffer, prunable_weights, select_top
 from pruning.scores import SCORERS
