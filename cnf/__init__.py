@@ -1,6 +1,7 @@
 """FFJORD-style continuous normalizing flows that measure NFE and the cumulative
 Jacobian norm. The public surface is re-exported here; see the README."""
 
+from cnf.base import GaussianMixture, StandardNormal, fit_base
 from cnf.config import Config, load_config
 from cnf.conv import ConvField
 from cnf.divergence import Exact, Hutchinson
@@ -12,6 +13,7 @@ from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 
 __all__ = [
-    "CNFBlock", "Config", "ConvField", "Exact", "Flow", "FlowTrace", "Hutchinson", "MLPField",
-    "MultiscaleFlow", "Solver", "VectorField", "build_flow", "load_config",
+    "CNFBlock", "Config", "ConvField", "Exact", "Flow", "FlowTrace", "GaussianMixture", "Hutchinson",
+    "MLPField", "MultiscaleFlow", "Solver", "StandardNormal", "VectorField", "build_flow", "fit_base",
+    "load_config",
 ]
