@@ -81,9 +81,7 @@ class GaussianMixture(nn.Module):
 
     def joint_log_prob(self, z: Tensor) -> Tensor:
         """``log w_k + log N(z_n; μ_k, Σ_k)`` for every latent and component, ``(B, K)``."""
-        gaussians = torch.distributions.MultivariateNormal(self.means, scale_tril=self.scale_tril,
-                                                           validate_args=False)
-        return gaussians.log_prob(z.flatten(1)[:, None]) + self.log_weights
+        return mixture_joint_log_prob(z.flatten(1), self.log_weights, self.means, self.scale_tril)
 
     def log_prob(self, z: Tensor) -> Tensor:
         return self.joint_log_prob(z).logsumexp(1)
@@ -125,7 +123,7 @@ def fit_gaussian_mixture(
     covariances = (centred.T @ centred / n + ridge * eye).expand(k, d, d).clone()
     history = []
     for _ in range(iterations):
-        joint = mixture_joint_log_prob(x, log_weights, means, covariances)
+        joint = mixture_joint_log_prob(x, log_weights, means, torch.linalg.cholesky(covariances))
         total = joint.logsumexp(1, keepdim=True)
         history.append(total.mean().item())
         resp = (joint - total).exp()                       # (N, K) responsibilities
@@ -139,10 +137,11 @@ def fit_gaussian_mixture(
 
 
 def mixture_joint_log_prob(
-    x: Tensor, log_weights: Tensor, means: Tensor, covariances: Tensor, batch_size: int = 4096
+    x: Tensor, log_weights: Tensor, means: Tensor, scale_tril: Tensor, batch_size: int = 4096
 ) -> Tensor:
-    """``log w_k + log N(x_n; μ_k, Σ_k)`` ``(N, K)`` for ``x`` ``(N, D)``, in batches."""
-    gaussians = torch.distributions.MultivariateNormal(means, covariances)
+    """``log w_k + log N(x_n; μ_k, L_k L_kᵀ)`` ``(N, K)`` for ``x`` ``(N, D)``, in batches
+    of ``batch_size`` rows (each batch holds ``(batch, K, D)`` whitened residuals)."""
+    gaussians = torch.distributions.MultivariateNormal(means, scale_tril=scale_tril, validate_args=False)
     return torch.cat([gaussians.log_prob(x[i:i + batch_size, None]) for i in range(0, len(x), batch_size)]) \
         + log_weights
 

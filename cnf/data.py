@@ -24,7 +24,9 @@ IMAGES = ("mnist", "synthetic8")
 
 class DataSource:
     """Base class: ``event_shape``, ``val``, ``test`` and generator state; subclasses
-    implement ``train_batch(batch_size) -> Tensor``."""
+    implement ``train_batch(batch_size) -> Tensor`` and ``training_sample(n, seed) ->
+    Tensor``: up to ``n`` training examples drawn with their own ``seed``, leaving the
+    training stream (and so the batches of a run) untouched."""
 
     event_shape: tuple[int, ...]
     val: Tensor
@@ -49,11 +51,6 @@ class DataSource:
     def metrics(self, nll: float) -> dict[str, float]:
         """Figures derived from a mean data-space NLL (images: ``bits_per_dim``)."""
         return {}
-
-    def training_sample(self, n: int, seed: int) -> Tensor:
-        """Up to ``n`` training examples drawn with their own ``seed``, leaving the
-        training stream (and so the batches of a run) untouched."""
-        raise NotImplementedError
 
 
 class ToyData(DataSource):
