@@ -6,9 +6,8 @@ divergence estimators, layers) here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import math
+from typing import Callable, Sequence
 
 from torch import nn
 
