@@ -41,7 +41,7 @@ Lipman et al. 2023 (a U-Net field trained by flow matching).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ def _scope(weights: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[start:]: w for k, w in weights.items() if k.startswith(prefix + ".")}
 
 
-def _fold(v: Tensor, fn) -> Tensor:
+def _fold(v: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``fn`` (a map on ``(N, C, H, W)``) to tangents ``(B, K, C, H, W)``."""
     b, k = v.shape[:2]
     return fn(v.flatten(0, 1)).unflatten(0, (b, k))
@@ -229,13 +229,13 @@ class UNetField(VectorField):
         self.time_embedding = TimeEmbedding(time_dim, max_frequency)
         self.input = MaskedConv2d(event_shape[0], c[0])
         self.down = nn.ModuleList(
-            ResBlock(c[l], c[l], widths[l], time_dim, **block) for l in range(levels))
+            ResBlock(c[k], c[k], widths[k], time_dim, **block) for k in range(levels))
         self.downsample = nn.ModuleList(
-            MaskedConv2d(c[l], c[l + 1], stride=2) for l in range(levels - 1))
+            MaskedConv2d(c[k], c[k + 1], stride=2) for k in range(levels - 1))
         self.middle = ResBlock(c[-1], c[-1], widths[levels], time_dim, **block)
         self.up = nn.ModuleList(
-            ResBlock(2 * c[l], c[l], widths[levels + 1 + l], time_dim, **block) for l in range(levels))
-        self.upsample = nn.ModuleList(MaskedConv2d(c[l], c[l - 1]) for l in range(1, levels))
+            ResBlock(2 * c[k], c[k], widths[levels + 1 + k], time_dim, **block) for k in range(levels))
+        self.upsample = nn.ModuleList(MaskedConv2d(c[k], c[k - 1]) for k in range(1, levels))
         self.output_norm = GroupNorm(groups, c[0])
         self.output_act = make_activation(nonlinearity)
         self.output = MaskedConv2d(c[0], event_shape[0])
@@ -254,21 +254,21 @@ class UNetField(VectorField):
         levels = len(self.channels)
         h, v = self.input(z, tangents, weights["input.weight"])
         skips = []
-        for l in range(levels):
-            h, v = self.down[l](h, v, emb, _scope(weights, f"down.{l}"))
+        for k in range(levels):
+            h, v = self.down[k](h, v, emb, _scope(weights, f"down.{k}"))
             skips.append((h, v))
-            if l < levels - 1:
-                h, v = self.downsample[l](h, v, weights[f"downsample.{l}.weight"])
+            if k < levels - 1:
+                h, v = self.downsample[k](h, v, weights[f"downsample.{k}.weight"])
         h, v = self.middle(h, v, emb, _scope(weights, "middle"))
-        for l in reversed(range(levels)):
-            s, vs = skips[l]
+        for k in reversed(range(levels)):
+            s, vs = skips[k]
             h = torch.cat([h, s], 1)
             v = None if v is None else torch.cat([v, vs], 2)
-            h, v = self.up[l](h, v, emb, _scope(weights, f"up.{l}"))
-            if l > 0:
+            h, v = self.up[k](h, v, emb, _scope(weights, f"up.{k}"))
+            if k > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
                 v = None if v is None else _fold(v, lambda u: F.interpolate(u, scale_factor=2.0, mode="nearest"))
-                h, v = self.upsample[l - 1](h, v, weights[f"upsample.{l - 1}.weight"])
+                h, v = self.upsample[k - 1](h, v, weights[f"upsample.{k - 1}.weight"])
         h, v = self.output_norm(h, v)
         h, slope = self.output_act(h)
         v = None if v is None else v * slope.unsqueeze(1)
@@ -278,9 +278,9 @@ class UNetField(VectorField):
         """The residual blocks by name, in the order of ``inner_widths``."""
         levels = len(self.channels)
         return {
-            **{f"down.{l}": self.down[l] for l in range(levels)},
+            **{f"down.{k}": self.down[k] for k in range(levels)},
             "middle": self.middle,
-            **{f"up.{l}": self.up[l] for l in range(levels)},
+            **{f"up.{k}": self.up[k] for k in range(levels)},
         }
 
     def hidden_units(self) -> dict[str, tuple[str, str]]:
