@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cnf.data import make_data  # noqa: E402
-from cnf.evaluate import evaluate  # noqa: E402
+from cnf_prune.evaluate import evaluate  # noqa: E402
 from cnf.flow import Flow  # noqa: E402
-from build import load_model  # noqa: E402
-from pruning.compact import compact, field_cost  # noqa: E402
+from cnf_prune.build import load_model  # noqa: E402
+from cnf_prune.build import compact_model as compact
+from pruning.compact import field_cost  # noqa: E402
 
 
 def variants(methods: list[str], sparsities: list[float], scope: str) -> dict[str, list[str]]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import ConfigError, report_user_errors  # noqa: E402
 from cnf.images import sample_grid  # noqa: E402
-from build import load_model  # noqa: E402
+from cnf_prune.build import load_model  # noqa: E402
 
 CURVE = "jacobian/cumulative_norm"
 

@@ -1,8 +1,7 @@
 """FFJORD-style continuous normalizing flows that measure NFE and the cumulative
-Jacobian norm. The public surface is re-exported here; see the README."""
+Jacobian norm. The public surface is re-exported here; see docs/python_api.md."""
 
 from cnf.base import GaussianMixture, StandardNormal, fit_base
-from cnf.config import Config, load_config
 from cnf.conv import ConvField
 from cnf.divergence import Exact, Hutchinson
 from cnf.fields import MLPField, VectorField
@@ -13,7 +12,6 @@ from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 
 __all__ = [
-    "CNFBlock", "Config", "ConvField", "Exact", "Flow", "FlowTrace", "GaussianMixture", "Hutchinson",
+    "CNFBlock", "ConvField", "Exact", "Flow", "FlowTrace", "GaussianMixture", "Hutchinson",
     "MLPField", "MultiscaleFlow", "Solver", "StandardNormal", "VectorField", "build_flow", "fit_base",
-    "load_config",
 ]

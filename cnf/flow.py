@@ -139,6 +139,16 @@ class Flow(nn.Module):
         z = self.base.sample(n, generator=generator, temperature=temperature, dtype=ref.dtype, device=ref.device)
         return z.view(n, *self.event_shape)
 
-    def sample(self, n: int, *, temperature: float = 1.0) -> Tensor:
-        """``n`` samples of shape ``(n, *event_shape)`` (no log-density computed)."""
-        return self.trace(self.base_noise(n, temperature=temperature), reverse=True, density=False).out
+    def rsample(self, sample_shape: int | Sequence[int] = (), *, temperature: float = 1.0) -> Tensor:
+        """Samples of shape ``(*sample_shape, *event_shape)``, differentiable with
+        respect to the flow's parameters (backpropagation through the sampling solve;
+        no log-density computed). As ``torch.distributions``: ``sample_shape=(n,)``."""
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        n = math.prod(shape)
+        out = self.trace(self.base_noise(n, temperature=temperature), reverse=True, density=False).out
+        return out.reshape(*shape, *self.event_shape)
+
+    def sample(self, sample_shape: int | Sequence[int] = (), *, temperature: float = 1.0) -> Tensor:
+        """:meth:`rsample` without gradients."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, temperature=temperature)

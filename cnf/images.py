@@ -33,17 +33,21 @@ import io
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cnf.config import DataConfig
-from cnf.data import ArrayData
 from cnf.errors import DataError
 from cnf.flow import Flow
+from cnf.sources import ArrayData
+
+if TYPE_CHECKING:
+    from cnf.config import DataConfig
 
 LEVELS = 256
+IMAGE_DATASETS = ("mnist", "synthetic8")
 SYNTHETIC_SIZE = 8
 SYNTHETIC_TRAIN = 4096
 

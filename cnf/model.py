@@ -1,7 +1,7 @@
-"""Build a :class:`~cnf.flow.Flow` from a :class:`~cnf.config.Config`.
+"""Build a :class:`~cnf.flow.Flow` from the ``model`` and ``solver`` config sections.
 
-This is the config boundary: names in the config become objects (solvers,
-divergence estimators, layers) here and nowhere else.
+This is the config boundary of the flow library: names in the sections become
+objects (solvers, divergence estimators, layers) here and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from cnf.base import GaussianMixture
-from cnf.config import Config
+from cnf.config import ModelConfig, SolverConfig
 from cnf.divergence import make_divergence
 from cnf.errors import ConfigError
 from cnf.conv import ConvField
@@ -25,28 +25,10 @@ from cnf.solver import Solver
 GateFactory = Callable[[VectorField], nn.Module]
 
 
-def make_solvers(config: Config) -> tuple[Solver, Solver]:
-    """Training and test-time solvers from ``config.solver``."""
-    s = config.solver
-    train = Solver(
-        method=s.method, rtol=s.rtol, atol=s.atol, step_size=s.step_size, adjoint=s.adjoint,
-        adjoint_seminorm=s.adjoint_seminorm, max_num_steps=s.max_num_steps,
-    )
-    test = Solver(
-        method=s.test_method or s.method,
-        rtol=s.test_rtol if s.test_rtol is not None else s.rtol,
-        atol=s.test_atol if s.test_atol is not None else s.atol,
-        step_size=s.test_step_size if s.test_step_size is not None else s.step_size,
-        adjoint=False, max_num_steps=s.max_num_steps,
-    )
-    return train, test
-
-
 def make_field(
-    config: Config, event_shape: Sequence[int], hidden_dims: Sequence[int] | None = None
+    m: ModelConfig, event_shape: Sequence[int], hidden_dims: Sequence[int] | None = None
 ) -> VectorField:
-    """The field of one block; ``hidden_dims`` overrides ``config.model.hidden_dims``."""
-    m = config.model
+    """The field of one block; ``hidden_dims`` overrides ``m.hidden_dims``."""
     widths = m.hidden_dims if hidden_dims is None else hidden_dims
     if len(event_shape) == 1:
         return MLPField(
@@ -61,15 +43,22 @@ def make_field(
 
 
 def build_flow(
-    config: Config, event_shape: Sequence[int], *, make_gates: GateFactory | None = None
+    m: ModelConfig,
+    solvers: SolverConfig,
+    event_shape: Sequence[int],
+    *,
+    kinetic: bool = False,
+    jacobian_frobenius: bool = False,
+    make_gates: GateFactory | None = None,
 ) -> Flow:
-    """The flow described by ``config`` for data of ``event_shape``: a stack of
-    ``num_blocks`` blocks for flat data, FFJORD's multiscale flow for images.
+    """The flow described by the ``model`` section ``m`` for data of ``event_shape``:
+    a stack of ``num_blocks`` blocks for flat data, FFJORD's multiscale flow for
+    images, integrated with the ``solver`` section's training and test solvers.
 
-    ``make_gates``, if given, builds the weight gates of each block's field.
+    ``kinetic``/``jacobian_frobenius`` make every block integrate the RNODE
+    penalties; ``make_gates``, if given, builds the weight gates of each field.
     """
-    m, r = config.model, config.regularization
-    solver, test_solver = make_solvers(config)
+    solver, test_solver = solvers.train_solver(), solvers.test_solver()
     divergence = make_divergence(m.divergence, m.noise)
     test_divergence = make_divergence(m.test_divergence, m.noise) if m.test_divergence else None
 
@@ -77,7 +66,7 @@ def build_flow(
     block_widths = iter(m.block_hidden_dims or [])
 
     def make_blocks(shape: Sequence[int]) -> list[CNFBlock]:
-        return [make_block(make_field(config, shape, next(block_widths, None))) for _ in range(m.num_blocks)]
+        return [make_block(make_field(m, shape, next(block_widths, None))) for _ in range(m.num_blocks)]
 
     def make_block(field: VectorField) -> CNFBlock:
         return CNFBlock(
@@ -88,12 +77,12 @@ def build_flow(
             test_divergence=test_divergence,
             solver=solver,
             test_solver=test_solver,
-            kinetic=r.kinetic > 0,
-            jacobian_frobenius=r.jacobian_frobenius > 0,
+            kinetic=kinetic,
+            jacobian_frobenius=jacobian_frobenius,
             gates=make_gates(field) if make_gates else None,
         )
 
-    # An unfitted mixture is N(0, I); train.py fits it (cnf.base.fit_base), checkpoints keep it.
+    # An unfitted mixture is N(0, I); the trainer fits it (cnf.base.fit_base), checkpoints keep it.
     base = GaussianMixture(math.prod(event_shape), m.base_components) if m.base_components else None
     if len(event_shape) == 3:
         shapes = scale_shapes(event_shape, m.scales or default_scales(event_shape))

@@ -1,7 +1,7 @@
 """Prune a freshly built model before its first training step.
 
-``train.py`` calls :func:`prune_at_init` when ``config.pruning.method`` is not
-``none``. Pruning must not change anything else about the run, so that a pruned
+The trainer calls :func:`prune_at_init` when the ``pruning`` section's method is
+not ``none``. Pruning must not change anything else about the run, so that a pruned
 run and a dense run with the same seed see the same training batches and the
 same random numbers: the scoring batches come from a copy of the data source
 with its own generator, and the global torch generator is restored afterwards.
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnf.config import Config
 from cnf.data import DataSource
 from cnf.flow import Flow
+from pruning.config import PruningConfig
 from pruning.masks import apply_masks, prunable_weights, select_top, sparsity_table
 from pruning.scores import get_scorer
 from pruning.structured import select_units
@@ -31,48 +31,51 @@ from pruning.structured import select_units
 _SCORING_STREAM = 0x5C0E
 
 
-def scoring_batches(data: DataSource, config: Config) -> list[Tensor]:
-    """``config.pruning.batches`` training batches of ``config.train.batch_size``,
-    drawn from a copy of ``data`` whose generator is seeded from ``config.seed``.
+def scoring_batches(data: DataSource, count: int, batch_size: int, seed: int) -> list[Tensor]:
+    """``count`` training batches of ``batch_size``, drawn from a copy of ``data``
+    whose generator is seeded from ``seed``.
 
     ``data`` itself is untouched, so the run's training stream is the same as a
     dense run's. (For toy data these are fresh samples; array data draws from its
     current epoch order with the new generator.)
     """
     scoring = copy.copy(data)
-    scoring.rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(_SCORING_STREAM,)))
+    scoring.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SCORING_STREAM,)))
     # What the flow models (images: dequantized and logit-transformed, with noise
     # from a generator of their own, leaving the global one alone).
-    noise = torch.Generator().manual_seed(config.seed)
-    return [
-        scoring.preprocess(scoring.train_batch(config.train.batch_size), noise)[0]
-        for _ in range(config.pruning.batches)
-    ]
+    noise = torch.Generator().manual_seed(seed)
+    return [scoring.preprocess(scoring.train_batch(batch_size), noise)[0] for _ in range(count)]
 
 
-def prune_at_init(model: Flow, data: DataSource, config: Config, device: torch.device) -> str:
-    """Score, select and mask the prunable weights of ``model`` as ``config.pruning`` says.
+def prune_at_init(
+    model: Flow, data: DataSource, settings: PruningConfig, *, batch_size: int, seed: int
+) -> str:
+    """Score, select and mask the prunable weights of ``model`` as the ``pruning``
+    section ``settings`` says, on ``settings.batches`` batches of ``batch_size``
+    drawn from ``data`` with ``seed`` (which also seeds the random scores).
 
     Returns the per-weight sparsity table (for the console). Sparsity 0 leaves the
     model unchanged. Raises :class:`~cnf.errors.ConfigError` for an unknown
     method, a layer pattern that matches nothing, or degenerate scores.
     """
-    p = config.pruning
+    p = settings
     scorer = get_scorer(p.method)
     prunable_weights(model, p.layers)  # reject patterns that match nothing up front
     header = f"pruning at initialization: {p.method}, sparsity {p.sparsity:g} ({p.scope})"
     if p.sparsity == 0:
         return f"{header}: nothing to prune\n{sparsity_table(model)}"
-    dtype = next(model.parameters()).dtype
-    batches = [x.to(device=device, dtype=dtype) for x in scoring_batches(data, config)]
+    reference = next(model.parameters())
+    device = reference.device
+    batches = [x.to(device=device, dtype=reference.dtype)
+               for x in scoring_batches(data, p.batches, batch_size, seed)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(model):
-        scores = scorer(model, batches, config)
+        scores = scorer(model, batches, p, seed)
     if p.granularity == "unit":
         apply_masks(model, select_units(model, scores, p.sparsity, p.scope))
         header = f"{header}, whole units"
     else:
         apply_masks(model, select_top(scores, p.sparsity, p.scope))
-    return f"{header}, scored on {len(batches)} batch(es) of {config.train.batch_size}\n{sparsity_table(model)}"
+    return f"{header}, scored on {len(batches)} batch(es) of {batch_size}\n{sparsity_table(model)}"
 
 
 @contextlib.contextmanager

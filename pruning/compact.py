@@ -1,7 +1,5 @@
 """Compaction: turn a unit-pruned model into a genuinely smaller dense one.
 
-    python -m pruning.compact CHECKPOINT --out NEW_CHECKPOINT
-
 A hidden unit whose outgoing weights are all masked (column ``j`` of
 ``layers.{l+1}.weight_mask``, see :mod:`pruning.structured`) contributes exactly
 zero to the field and to its Jacobian, whatever its incoming weights, bias and
@@ -11,28 +9,21 @@ of ``layers.{l+1}``. The compacted model computes the same function as the maske
 one (up to the summation order of the smaller matrix products) with fewer
 rows, columns or channels, so each function evaluation costs less.
 
-The widths may differ per block, so the new config records them in
-``model.block_hidden_dims`` and :func:`build.build_model` rebuilds the smaller
-model from it. The checkpoint holds the config, event shape and weights, not the
-optimizer state: it is for sampling and evaluation, not for ``--resume``.
-Gated models (L0, PathReg) must be hardened first with ``python -m pruning.export``.
+The widths may differ per block: :func:`compacted_state` returns them with the
+smaller state dict, and the application records them in the config's
+``model.block_hidden_dims`` to rebuild the smaller model (``cnf-compact`` writes
+such a checkpoint). Gated models (L0, PathReg) must be hardened first
+(:func:`pruning.export.harden_gates`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import re
-import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from build import build_model, load_model
-from cnf.checkpoint import check_derived_output, save_derived_checkpoint
-from cnf.config import Config, to_dict
-from cnf.errors import ConfigError, report_user_errors
+from cnf.errors import ConfigError
 from cnf.flow import Flow
 from pruning.masks import mask_buffer
 from pruning.structured import hidden_layers
@@ -66,17 +57,15 @@ def _select(value: Tensor, dim: int, keep: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
-def compact(model: Flow, config: Config) -> tuple[Flow, Config]:
-    """The smaller model without the pruned units of ``model``, and its config.
-
-    ``config`` is the one ``model`` was built from. The new model has the device,
-    dtype and train/eval mode of ``model``; ``model`` is not changed.
+def compacted_state(model: Flow) -> tuple[list[list[int]], dict[str, Tensor]]:
+    """``(widths, state)``: per block the hidden widths without the pruned units of
+    ``model``, and the state dict of the smaller model of those widths (which
+    computes the same function). ``model`` is not changed.
     """
     if any(block.gates is not None for block in model.blocks):
-        raise ConfigError("cannot compact a gated model; harden its gates first: python -m pruning.export")
+        raise ConfigError("cannot compact a gated model; harden its gates first: cnf-export")
     keep = live_units(model)
     widths = [[int(k.sum()) for k in block] for block in keep]
-    smaller = dataclasses.replace(config, model=dataclasses.replace(config.model, block_hidden_dims=widths))
     state = {}
     for key, value in model.state_dict().items():
         match = _LAYER_KEY.match(key)
@@ -89,10 +78,7 @@ def compact(model: Flow, config: Config) -> tuple[Flow, Config]:
             elif value.dim() > 0:  # bias and time terms: one entry (or kernel) per output
                 value = _select(value, 0, rows)
         state[key] = value
-    reference = next(model.parameters())
-    new = build_model(smaller, model.event_shape).to(device=reference.device, dtype=reference.dtype)
-    new.load_state_dict(state)
-    return new.train(model.training), smaller
+    return widths, state
 
 
 def field_cost(model: Flow) -> tuple[int, int]:
@@ -107,41 +93,3 @@ def field_cost(model: Flow) -> tuple[int, int]:
             spatial *= size
         flops += sum(2 * layer.weight.numel() * spatial for layer in block.field.layers)
     return params, flops
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pruning.compact", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="checkpoint.pt or best.pt of a run with pruning.granularity=unit")
-    p.add_argument("--out", required=True, help="where to write the compacted checkpoint")
-    return p.parse_args(argv)
-
-
-def run(args: argparse.Namespace) -> int:
-    source, out = Path(args.checkpoint), Path(args.out)
-    check_derived_output(source, out, "masked model")
-    model, config, ckpt = load_model(source)
-    small, smaller = compact(model, config)
-    save_derived_checkpoint(
-        {
-            "config": to_dict(smaller), "event_shape": list(ckpt["event_shape"]),
-            "model": small.state_dict(), "step": ckpt.get("step"),
-            "best_val": ckpt.get("best_val"), "compacted_from": str(source),
-        },
-        out,
-    )
-    (p0, f0), (p1, f1) = field_cost(model), field_cost(small)
-    print(f"compacted: hidden widths {smaller.model.block_hidden_dims}; field parameters {p0} -> {p1}, "
-          f"FLOPs per evaluation and sample {f0} -> {f1} -> {out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return report_user_errors(run, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from cnf.config import RegularizationConfig
+from pruning.config import RegularizationConfig
 from cnf.errors import ConfigError
 from cnf.fields import VectorField
 from cnf.flow import Flow
@@ -156,7 +156,7 @@ def expected_l0(model: Flow) -> Tensor:
     """
     gates = flow_gates(model)
     if not gates:
-        raise ConfigError("the L0 penalty needs a gated model; build it with build.build_model")
+        raise ConfigError("the L0 penalty needs a gated model; build it with gates (cnf_prune.build.build_model with regularization.l0 or pathreg > 0)")
     return sum(
         (p * mask_buffer(model.blocks[k].field, name)).sum()
         for k, g in gates.items()

@@ -1,8 +1,8 @@
 """Pruning-at-initialization scores, keyed by full parameter name.
 
-Every scorer has the signature ``scorer(model, batches, config) -> {name: score}``:
-it scores the prunable weights selected by ``config.pruning.layers`` (names like
-``blocks.0.field.layers.1.weight``), and :func:`pruning.masks.select_top` then
+Every scorer has the signature ``scorer(model, batches, settings, seed) -> {name: score}``
+(``settings``: the ``pruning`` config section): it scores the prunable weights
+selected by ``settings.layers`` (names like ``blocks.0.field.layers.1.weight``), and :func:`pruning.masks.select_top` then
 keeps the weights with the *largest* scores. Scorers never change the model.
 
 Gradients are taken with respect to the raw weights ``θ``. The ODE block uses
@@ -17,13 +17,13 @@ both from one solve per batch, so they share θ, the batch and (with the
 Hutchinson estimator) the probe. The scores:
 
 ==========================  ==============================================================
-``random``                  ``u ~ U[0, 1)`` from a generator seeded with ``config.seed``
+``random``                  ``u ~ U[0, 1)`` from a generator seeded with ``seed``
 ``magnitude``               ``|θ|``
 ``snip``                    ``|θ ⊙ dL|``
 ``jacobian_spectrum``       ``dR ⊙ dL`` (signed)
 ``jacobian_spectrum_abs``   ``|dR ⊙ dL|``
 ``jacobian_spectrum_snip``  ``(1 − m) s_JS / Σ|s_JS| + m s_SNIP / Σ|s_SNIP|``,
-                            ``m = config.pruning.snip_mix``, sums over all scored weights
+                            ``m = settings.snip_mix``, sums over all scored weights
 ``grasp``                   ``θ ⊙ (H dL)``, ``H`` the Hessian of the NLL
 ``synflow``                 ``|θ ⊙ ∂R_sf/∂θ|``, iterative and data-free (see :func:`synflow`)
 ==========================  ==============================================================
@@ -36,19 +36,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cnf.activations import Activation
-from cnf.config import Config
 from cnf.errors import ConfigError
 from cnf.flow import Flow, FlowTrace
 from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top
 
+if TYPE_CHECKING:
+    from pruning.config import PruningConfig
+
 Scores = dict[str, Tensor]
-Scorer = Callable[[Flow, Sequence[Tensor], Config], Scores]
+Scorer = Callable[[Flow, Sequence[Tensor], "PruningConfig", int], Scores]
 
 
 def _nll(model: Flow, trace: FlowTrace) -> Tensor:
@@ -92,42 +94,42 @@ def objective_gradients(
     return {obj: {n: g / len(batches) for n, g in zip(names, grads)} for obj, grads in total.items()}
 
 
-def _scored(model: Flow, config: Config) -> dict[str, nn.Parameter]:
-    return prunable_weights(model, config.pruning.layers)
+def _scored(model: Flow, settings: PruningConfig) -> dict[str, nn.Parameter]:
+    return prunable_weights(model, settings.layers)
 
 
-def random_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
-    """Uniform scores from a CPU generator seeded with ``config.seed`` (device independent)."""
-    generator = torch.Generator().manual_seed(config.seed)
+def random_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+    """Uniform scores from a CPU generator seeded with ``seed`` (device independent)."""
+    generator = torch.Generator().manual_seed(seed)
     return {
         n: torch.rand(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-        for n, p in _scored(model, config).items()
+        for n, p in _scored(model, settings).items()
     }
 
 
-def magnitude_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def magnitude_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """``|θ|``."""
-    return {n: p.detach().abs() for n, p in _scored(model, config).items()}
+    return {n: p.detach().abs() for n, p in _scored(model, settings).items()}
 
 
-def snip_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def snip_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """``|θ ⊙ dL|``: the first-order change of the NLL when a weight is removed.
 
     References: SNIP: Single-shot Network Pruning, Lee et al. 2019.
     """
-    weights = _scored(model, config)
+    weights = _scored(model, settings)
     d_loss = objective_gradients(model, batches, weights, ("nll",))["nll"]
     return {n: (p.detach() * d_loss[n]).abs() for n, p in weights.items()}
 
 
-def _spectrum(model: Flow, batches: Sequence[Tensor], config: Config) -> tuple[Scores, Scores]:
+def _spectrum(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> tuple[Scores, Scores]:
     """``(s_JS = dR ⊙ dL, s_SNIP = |θ ⊙ dL|)``; raises if ``dR ≡ 0``."""
-    weights = _scored(model, config)
+    weights = _scored(model, settings)
     grads = objective_gradients(model, batches, weights)
     d_loss, d_jac = grads["nll"], grads["jac_norm"]
     if all(torch.count_nonzero(g) == 0 for g in d_jac.values()):
         raise ConfigError(
-            f"pruning.method {config.pruning.method!r}: the gradient of the cumulative Jacobian "
+            f"pruning.method {settings.method!r}: the gradient of the cumulative Jacobian "
             "norm R is identically zero at initialization, so every Jacobian-spectrum score is 0 "
             "(a zero-initialized last layer makes ∂f/∂z ≡ 0); initialize the field with non-zero "
             "weights or choose another pruning.method"
@@ -137,7 +139,7 @@ def _spectrum(model: Flow, batches: Sequence[Tensor], config: Config) -> tuple[S
     return js, snip
 
 
-def jacobian_spectrum_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def jacobian_spectrum_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """``s = dR ⊙ dL``, signed; the largest are kept.
 
     A gradient step ``dθ = −η dL`` changes R by ``−η Σ_i dR_i dL_i``: weights with a
@@ -146,23 +148,23 @@ def jacobian_spectrum_scores(model: Flow, batches: Sequence[Tensor], config: Con
     Raises:
         ConfigError: if ``dR`` is identically zero (e.g. a zero-initialized last layer).
     """
-    return _spectrum(model, batches, config)[0]
+    return _spectrum(model, batches, settings, seed)[0]
 
 
-def jacobian_spectrum_abs_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def jacobian_spectrum_abs_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """``|dR ⊙ dL|``: weights whose training steps change R the most, either way."""
-    return {n: s.abs() for n, s in _spectrum(model, batches, config)[0].items()}
+    return {n: s.abs() for n, s in _spectrum(model, batches, settings, seed)[0].items()}
 
 
-def jacobian_spectrum_snip_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
-    """``(1 − m) s_JS / Σ|s_JS| + m s_SNIP / Σ|s_SNIP|`` with ``m = config.pruning.snip_mix``.
+def jacobian_spectrum_snip_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+    """``(1 − m) s_JS / Σ|s_JS| + m s_SNIP / Σ|s_SNIP|`` with ``m = settings.snip_mix``.
 
     ``s_JS = dR ⊙ dL`` and ``s_SNIP = |θ ⊙ dL|``; each sum runs over every scored
     weight, so both parts have unit ℓ1 norm and ``m`` sets their balance
     (``m = 0``: Jacobian spectrum, ``m = 1``: SNIP, up to a common scale).
     """
-    js, snip = (_unit_l1(s) for s in _spectrum(model, batches, config))
-    m = config.pruning.snip_mix
+    js, snip = (_unit_l1(s) for s in _spectrum(model, batches, settings, seed))
+    m = settings.snip_mix
     return {n: (1 - m) * js[n] + m * snip[n] for n in js}
 
 
@@ -180,7 +182,7 @@ def _direct_backprop(model: Flow) -> Flow:
     return twin
 
 
-def grasp_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def grasp_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """``θ ⊙ (H dL)``: GraSP with the NLL's Hessian-gradient product.
 
     GraSP removes the weights with the largest ``S = −θ ⊙ H g``, whose removal
@@ -193,7 +195,7 @@ def grasp_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scor
     Flow, Wang et al. 2020.
     """
     twin = _direct_backprop(model)
-    weights = _scored(twin, config)
+    weights = _scored(twin, settings)
     names, params = list(weights), list(weights.values())
     g = objective_gradients(twin, batches, weights, ("nll",))["nll"]
     hg = [torch.zeros_like(p) for p in params]
@@ -238,13 +240,13 @@ def synflow_flow(twin: Flow) -> Tensor:
     )
 
 
-def synflow_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Scores:
+def synflow_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
     """Iterative SynFlow: ``|θ ⊙ ∂R_sf/∂θ|`` on the linearized field, no data.
 
     The field is copied with ``|θ|`` for every parameter and the identity for
     every nonlinearity, and ``R_sf = 1ᵀ f(t=0, 1)`` (summed over blocks) is the
     "synaptic flow" through it. Over ``k = 1..n`` rounds (``n =
-    config.pruning.synflow_iterations``) the copy is pruned to the sparsity
+    settings.synflow_iterations``) the copy is pruned to the sparsity
     ``1 − (1 − s)^{k/n}`` by these scores, recomputed each round, so that no layer
     is cut off early (layer collapse). The weights the rounds pruned score
     ``-inf`` and the kept ones their last-round score, so keeping the top ``1 − s``
@@ -260,8 +262,8 @@ def synflow_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Sc
     conserving synaptic flow, Tanaka et al. 2020.
     """
     twin = _linearized(model)
-    weights = _scored(twin, config)
-    sparsity, rounds = config.pruning.sparsity, config.pruning.synflow_iterations
+    weights = _scored(twin, settings)
+    sparsity, rounds = settings.sparsity, settings.synflow_iterations
     pruned = {n: mask_buffer(twin, n) == 0 for n in weights}
     scores: Scores = {}
     for k in range(1, rounds + 1):
@@ -270,12 +272,12 @@ def synflow_scores(model: Flow, batches: Sequence[Tensor], config: Config) -> Sc
             n: (p.detach() * g).abs().masked_fill(pruned[n], -torch.inf)
             for (n, p), g in zip(weights.items(), grads)
         }
-        keep = select_top(scores, 1.0 - (1.0 - sparsity) ** (k / rounds), config.pruning.scope)
+        keep = select_top(scores, 1.0 - (1.0 - sparsity) ** (k / rounds), settings.scope)
         apply_masks(twin, keep)
         pruned = {n: ~m for n, m in keep.items()}
     return {
         n: scores[n].masked_fill(pruned[n], -torch.inf).to(dtype=p.dtype, device=p.device)
-        for n, p in _scored(model, config).items()
+        for n, p in _scored(model, settings).items()
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cnf.config import RegularizationConfig
+from pruning.config import RegularizationConfig
 from cnf.flow import Flow
 from pruning.gates import expected_l0
 from pruning.pathreg import path_sparsity, pathreg, weight_path_norm

@@ -54,3 +54,15 @@ def scalar_events(run, tag: str) -> list:
 def run_train(out, *extra: str) -> int:
     """``train.py configs/toy.yaml --out out`` with :data:`QUICK` and ``extra`` settings."""
     return train.main(["configs/toy.yaml", "--out", str(out), *QUICK, *extra])
+
+
+def prune(model, data, config):
+    """Prune ``model`` at initialization as ``config`` (an experiment config) says."""
+    from pruning.apply import prune_at_init
+
+    return prune_at_init(model, data, config.pruning, batch_size=config.train.batch_size, seed=config.seed)
+
+
+def score_args(config) -> tuple:
+    """A scorer's ``(settings, seed)`` arguments from an experiment config."""
+    return config.pruning, config.seed

@@ -211,7 +211,7 @@ def test_python_api_rejects_bad_arguments():
 
 
 def test_load_checkpoint_refuses_a_plain_torch_save_dict(tmp_path):
-    from cnf.checkpoint import load_checkpoint
+    from cnf_prune.checkpoint import load_checkpoint
     from cnf.errors import CheckpointError
 
     path = tmp_path / "state_dict.pt"
@@ -224,7 +224,7 @@ def test_load_checkpoint_refuses_a_plain_torch_save_dict(tmp_path):
 
 
 def test_load_checkpoint_calls_a_non_zip_file_corrupt(tmp_path):
-    from cnf.checkpoint import load_checkpoint
+    from cnf_prune.checkpoint import load_checkpoint
     from cnf.errors import CheckpointError
 
     path = tmp_path / "garbage.pt"

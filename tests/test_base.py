@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import cnf.base
-import train
-from build import build_model, load_model
+from cnf_prune.objectives import Likelihood
+from cnf_prune.build import build_model, load_model
 from cnf.base import GaussianMixture, StandardNormal, fit_base, fit_gaussian_mixture, standard_normal_log_prob
-from cnf.config import load_config
+from cnf_prune.config import load_config
 from cnf.data import make_data
 from cnf.divergence import Exact
 from cnf.errors import ConfigError, TrainingError
@@ -150,7 +150,7 @@ def test_the_training_nll_and_the_pruning_loss_use_the_base():
                                          iterations=5, seed=0)[0])
     x = data.train_batch(32)
     torch.manual_seed(1)
-    nll = train.training_loss(model.trace, model, data, x, config)[0]
+    nll = Likelihood(config.regularization)(model.trace, model, data, x).nll
     torch.manual_seed(1)
     expected = -model.log_prob(x).mean()
     torch.testing.assert_close(nll, expected)

@@ -7,7 +7,7 @@ import yaml
 
 from cnf.errors import ConfigError
 from helpers import scalar_events
-from pruning import compare
+from cnf_prune.commands import compare
 
 TOY = str(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml")
 TINY = [

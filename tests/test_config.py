@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cnf.config import Config, apply_overrides, from_dict, load_config, to_dict
+from cnf_prune.config import Config, apply_overrides, from_dict, load_config, to_dict
 from cnf.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

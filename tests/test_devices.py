@@ -24,11 +24,11 @@ import torch
 import sample
 import train
 from bench.tf32_emulation import round_to_tf32, tf32_convolutions
-from build import build_model, load_model
+from cnf_prune.build import build_model, load_model
 from cnf.base import fit_gaussian_mixture
-from cnf.config import from_dict
+from cnf_prune.config import from_dict
 from cnf.data import make_data
-from cnf.evaluate import evaluate
+from cnf_prune.evaluate import evaluate
 from helpers import QUICK, run_train
 from pruning.scores import get_scorer
 
@@ -147,7 +147,7 @@ def test_jacobian_spectrum_scores_match_the_cpu(device, float64):
     flow = build_model(cfg, data.event_shape)
     batches = [data.train_batch(64).double() for _ in range(2)]
     scorer = get_scorer("jacobian_spectrum")
-    scores = scorer(flow, batches, cfg)
+    scores = scorer(flow, batches, cfg.pruning, cfg.seed)
     scores_d = scorer(copy.deepcopy(flow).to(device), [b.to(device) for b in batches], cfg)
     assert scores_d.keys() == scores.keys()
     for name, s in scores.items():
@@ -218,7 +218,7 @@ def test_tf32_off_overrides_a_tf32_precision_set_with_the_newer_api(level):
     legacy flag, so convolutions would keep TF32; use_tf32(False) must remove it.
     Run in a fresh interpreter: these flags are process-wide."""
     code = (f"import torch\n{level}.fp32_precision = 'tf32'\n"
-            "from cnf.distributed import use_tf32\nuse_tf32(False)\n"
+            "from cnf_prune.distributed import use_tf32\nuse_tf32(False)\n"
             "b = torch.backends\n"
             "print(b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

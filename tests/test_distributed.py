@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from cnf.checkpoint import load_checkpoint
+from helpers import prune
+from cnf_prune.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # rk4 with a fixed step and the exact divergence: each sample's computation does not
@@ -45,9 +46,9 @@ def test_two_gloo_ranks_match_one_process_on_the_global_batch(tmp_path):
 def _rank_masks(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from build import build_model
+    from cnf_prune.build import build_model
     from cnf import distributed
-    from cnf.config import load_config
+    from cnf_prune.config import load_config
     from cnf.data import make_data
     from pruning.apply import prune_at_init
 
@@ -57,7 +58,7 @@ def _rank_masks(rank: int, world: int, port: int, queue) -> None:
     torch.manual_seed(1234 + rank)  # deliberately different initial models per rank
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape)
-    prune_at_init(model, data, config, ctx.device)
+    prune(model, data, config)
     def masks():
         return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
 

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 import train
-from build import load_model
-from cnf.checkpoint import load_checkpoint
+from cnf_prune.build import load_model
+from cnf_prune.checkpoint import load_checkpoint
 from cnf.data import make_data
-from cnf.ema import ParameterAverage, averaging_weight
-from cnf.evaluate import evaluate
+from cnf_prune.ema import ParameterAverage, averaging_weight
+from cnf_prune.evaluate import evaluate
 from helpers import run_train
 
 

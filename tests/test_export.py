@@ -5,15 +5,15 @@ import torch
 
 import sample
 import train
-from build import build_model
-from cnf.checkpoint import load_checkpoint
-from cnf.config import from_dict
+from cnf_prune.build import build_model
+from cnf_prune.checkpoint import load_checkpoint
+from cnf_prune.config import from_dict
 from cnf.conv import ConvField
 from cnf.errors import ConfigError
 from cnf.flow import Flow
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
-from pruning import export
+from cnf_prune.commands import export
 from pruning.export import harden_gates
 from pruning.gates import gate_factory
 from pruning.masks import mask_buffer

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import train
-from cnf.checkpoint import load_checkpoint
+from cnf_prune.checkpoint import load_checkpoint
 from cnf.data import ToyData
 from helpers import scalar_events
 

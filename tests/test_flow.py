@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnf.divergence import Exact, Hutchinson
-from cnf.evaluate import evaluate
+from cnf_prune.evaluate import evaluate
 from cnf.fields import MLPField
 from cnf.flow import Flow
 from cnf.odeblock import CNFBlock

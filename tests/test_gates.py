@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from build import build_model
-from cnf.config import from_dict
+from cnf_prune.build import build_model
+from cnf_prune.setup import make_optimizer, regroup_optimizer_state
+from cnf_prune.config import from_dict
 from cnf.errors import ConfigError
 from cnf.fields import MLPField
 from cnf.odeblock import CNFBlock
@@ -224,12 +225,12 @@ def test_weight_decay_leaves_gate_locations_alone():
     """Adam's L2 decay acts on the weights only: with a zero loss, one step moves every
     decayed weight and no log α."""
     import train
-    from cnf.config import TrainConfig
+    from cnf_prune.config import TrainConfig
 
     torch.manual_seed(0)
     model = build_model(gated_config(), (2,))
     gate_params = {id(p) for g in model.blocks for p in g.gates.parameters()}
-    optimizer = train.make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
     sum(0.0 * p.sum() for p in model.parameters()).backward()
@@ -246,7 +247,7 @@ def test_a_one_group_optimizer_state_of_a_gated_model_resumes_in_two_groups():
     """Checkpoints written before gates had their own group: Adam's moments follow
     their parameters, and the next step is the one the old optimizer would take."""
     import train
-    from cnf.config import TrainConfig
+    from cnf_prune.config import TrainConfig
 
     torch.manual_seed(0)
     model = build_model(gated_config(), (2,))
@@ -257,8 +258,8 @@ def test_a_one_group_optimizer_state_of_a_gated_model_resumes_in_two_groups():
         model.trace(x).logabsdet.mean().backward()
         old.step()
     state = copy.deepcopy(old.state_dict())  # not the live moments, which old.step() updates
-    new = train.make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
-    new.load_state_dict(train.regroup_optimizer_state(state, new, model))
+    new = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    new.load_state_dict(regroup_optimizer_state(state, new, model))
     for p in model.parameters():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(new.state[p][key], old.state[p][key])

@@ -11,15 +11,16 @@ import yaml
 
 import sample
 import train
-from cnf.config import DataConfig, load_config
+from helpers import prune
+from cnf_prune.config import DataConfig, load_config
 from cnf.conv import ConcatConv2d, ConvField
 from cnf.data import make_data
 from cnf.divergence import Exact
 from cnf.errors import ConfigError, DataError
-from cnf.evaluate import evaluate
+from cnf_prune.evaluate import evaluate
 from cnf.base import standard_normal_log_prob
 from cnf.images import ImageData, bits_per_dim, downsample, load_mnist, logit_inverse, logit_transform
-from cnf.model import build_flow
+from cnf_prune.build import build_model as build_flow
 from cnf.multiscale import default_scales, scale_shapes, squeeze, unsqueeze
 from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top
 from pruning.scores import SCORERS
@@ -425,7 +426,7 @@ def test_encode_then_decode_gives_back_the_dequantized_images(tmp_path, capsys):
     """What ``--diagnose`` calls reconstructions: images -> codes -> images, through the
     flow's eval solver (dopri5 at 1e-7 here), returns the dequantized pixels."""
     from bench.digit_score import decode, encode
-    from build import load_model
+    from cnf_prune.build import load_model
     from cnf.images import dequantize
 
     config = {**SMOKE, "solver": {**SMOKE["solver"], "test_method": "dopri5", "test_rtol": 1e-7, "test_atol": 1e-7}}
@@ -521,7 +522,7 @@ def test_every_pruning_method_prunes_conv_weights(method):
     data = make_data(config.data, config.seed)
     flow = build_flow(config, data.event_shape)
     before = torch.get_rng_state()
-    prune_at_init(flow, data, config, torch.device("cpu"))
+    prune(flow, data, config)
     assert torch.equal(torch.get_rng_state(), before)  # the training stream is untouched
     weights = prunable_weights(flow)
     kept = sum(int(mask_buffer(flow, n).sum()) for n in weights)
@@ -534,7 +535,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_mnist_configs_build_ffjords_multiscale_model():
-    from pruning.compare import load_comparison
+    from cnf_prune.commands.compare import load_comparison
 
     ffjord = build_flow(load_config(CONFIGS / "mnist.yaml"), (1, 28, 28))
     assert len(ffjord.blocks) == 10  # 2 + 2 per squeezed scale, 2 on the last

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from build import load_model
+from cnf_prune.build import load_model
 from cnf.base import standard_normal_log_prob
 from cnf.toy import sample_toy
 

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import build
+import cnf_prune.build as build
 import sample
 import train
-from build import build_model
-from cnf.checkpoint import load_checkpoint, save_checkpoint
-from cnf.config import from_dict, load_config, to_dict
+from helpers import prune
+from cnf_prune.build import build_model
+from cnf_prune.checkpoint import load_checkpoint, save_checkpoint
+from cnf_prune.config import from_dict, load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
 from cnf.base import standard_normal_log_prob
@@ -92,12 +93,12 @@ def test_a_gated_model_is_scored_without_its_gates():
     ungated = copy.deepcopy(model)
     for block in ungated.blocks:
         block.gates = None
-    prune_at_init(ungated, data, config, CPU)
+    prune(ungated, data, config)
     expected = {n: mask_buffer(ungated, n).clone() for n in prunable_weights(model)}
     for seed in (1, 2):
         pruned = copy.deepcopy(model)
         torch.manual_seed(seed)
-        prune_at_init(pruned, data, config, CPU)
+        prune(pruned, data, config)
         assert all(torch.equal(mask_buffer(pruned, n), m) for n, m in expected.items())
         assert all(block.gates is not None for block in pruned.blocks)  # put back
 
@@ -105,7 +106,7 @@ def test_a_gated_model_is_scored_without_its_gates():
 def test_masked_weights_stay_exactly_zero_under_adam_with_weight_decay():
     config = small_config(method="random", sparsity=0.6)
     model, data = fresh(config)
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     weights = prunable_weights(model)
     pruned = {n: mask_buffer(model, n) == 0 for n in weights}
     start = {n: p.detach().clone() for n, p in weights.items()}
@@ -128,7 +129,7 @@ def test_masked_weights_stay_exactly_zero_under_adam_with_weight_decay():
 def test_masks_survive_a_checkpoint_round_trip(tmp_path):
     config = small_config(method="magnitude", sparsity=0.7)
     model, data = fresh(config)
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     save_checkpoint({"model": model.state_dict()}, tmp_path / "ckpt.pt")
 
     loaded, _ = fresh(config, seed=1)  # different initial weights, dense masks
@@ -145,7 +146,7 @@ def test_sparsity_zero_leaves_the_model_unchanged(method):
     config = small_config(method=method, sparsity=0.0)
     model, data = fresh(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -158,7 +159,7 @@ def test_pruning_does_not_shift_the_training_stream(divergence):
     model, data = fresh(config)
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     assert torch.equal(torch.get_rng_state(), rng)
     _, untouched = fresh(config)
     assert torch.equal(data.train_batch(32), untouched.train_batch(32))
@@ -174,9 +175,9 @@ def test_bad_pruning_input_is_a_clear_error():
         small_config(sparsity=0.5)
     model, data = fresh(small_config())
     with pytest.raises(ConfigError, match="unknown pruning.method 'prune_it'; valid: none, random"):
-        prune_at_init(model, data, small_config(method="prune_it", sparsity=0.5), CPU)
+        prune(model, data, small_config(method="prune_it", sparsity=0.5))
     with pytest.raises(ConfigError, match="matches no prunable weight"):
-        prune_at_init(model, data, small_config(method="random", sparsity=0.5, layers=["*.conv*"]), CPU)
+        prune(model, data, small_config(method="random", sparsity=0.5, layers=["*.conv*"]))
 
 
 def test_train_prunes_and_sample_reloads_the_masks(tmp_path, capsys):

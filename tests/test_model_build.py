@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from build import load_model
+from cnf_prune.build import load_model
 from cnf.activations import ELU, Softplus
-from cnf.checkpoint import save_checkpoint
-from cnf.config import Config, DataConfig, from_dict, to_dict
+from cnf_prune.checkpoint import save_checkpoint
+from cnf_prune.config import Config, DataConfig, from_dict, to_dict
 from cnf.conv import ConcatSquashConv2d
 from cnf.data import ArrayData, ToyData, make_data
-from cnf.distributed import Context, check_batch_size, resolve_device, shard
+from cnf_prune.distributed import Context, check_batch_size, resolve_device, shard
 from cnf.divergence import Exact, Hutchinson
 from cnf.errors import CheckpointError, ConfigError, SolverError
 from cnf.layers import ConcatLinear, ConcatSquashLinear
-from cnf.model import build_flow
+from cnf_prune.build import build_model as build_flow
 from cnf.solver import Solver, integrate, solver_failure
 
 

@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from build import build_model
-from cnf.config import from_dict
+from cnf_prune.build import build_model
+from cnf_prune.config import from_dict
 from cnf.conv import ConvField
 from cnf.errors import ConfigError
 from cnf.flow import Flow

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from build import build_model
-from cnf.config import Config, from_dict, to_dict
+from helpers import score_args, prune
+from cnf_prune.build import build_model
+from cnf_prune.config import Config, from_dict, to_dict
 from cnf.data import make_data
 from cnf.divergence import Exact
 from cnf.errors import ConfigError
@@ -56,7 +57,7 @@ def setup():
     torch.manual_seed(0)
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape)
-    return model, data, config, scoring_batches(data, config)
+    return model, data, config, scoring_batches(data, config.pruning.batches, config.train.batch_size, config.seed)
 
 
 @pytest.mark.parametrize("adjoint", [False, True])
@@ -110,14 +111,14 @@ def test_jacobian_spectrum_scores_and_variants_follow_their_formulas(setup):
     js = {n: d_jac[n] * d_loss[n] for n in weights}
     snip = {n: (p.detach() * d_loss[n]).abs() for n, p in weights.items()}
 
-    torch.testing.assert_close(jacobian_spectrum_scores(model, batches, config), js)
-    torch.testing.assert_close(jacobian_spectrum_abs_scores(model, batches, config),
+    torch.testing.assert_close(jacobian_spectrum_scores(model, batches, config.pruning, config.seed), js)
+    torch.testing.assert_close(jacobian_spectrum_abs_scores(model, batches, config.pruning, config.seed),
                                {n: s.abs() for n, s in js.items()})
-    torch.testing.assert_close(snip_scores(model, batches, config), snip)
+    torch.testing.assert_close(snip_scores(model, batches, config.pruning, config.seed), snip)
     mixed = pruning_config(method="jacobian_spectrum_snip", snip_mix=0.3)
     js_l1, snip_l1 = flat(js).abs().sum(), flat(snip).abs().sum()
     torch.testing.assert_close(
-        jacobian_spectrum_snip_scores(model, batches, mixed),
+        jacobian_spectrum_snip_scores(model, batches, mixed.pruning, mixed.seed),
         {n: 0.7 * js[n] / js_l1 + 0.3 * snip[n] / snip_l1 for n in weights},
     )
     assert (flat(js) < 0).any() and (flat(js) > 0).any()  # signed, as the method defines
@@ -132,7 +133,7 @@ def test_prune_at_init_keeps_exactly_the_top_k_of_dr_times_dl(setup):
     expected = torch.zeros(s.numel(), dtype=torch.bool)
     expected[s.argsort(descending=True)[:k]] = True
 
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     kept = flat({n: mask_buffer(model, n).bool() for n in weights})
     assert torch.equal(kept, expected)
     assert all(torch.equal(p.detach() == 0, mask_buffer(model, n) == 0) for n, p in weights.items())
@@ -142,7 +143,7 @@ def test_layer_scope_keeps_the_top_fraction_of_each_weight(setup):
     model, data, _, _ = setup
     config = pruning_config(method="magnitude", sparsity=0.7, scope="layer")
     before = {n: p.detach().abs().clone() for n, p in prunable_weights(model).items()}
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     for name, magnitude in before.items():
         k = round(0.3 * magnitude.numel())
         expected = torch.zeros(magnitude.numel(), dtype=torch.bool)
@@ -153,15 +154,15 @@ def test_layer_scope_keeps_the_top_fraction_of_each_weight(setup):
 def test_magnitude_is_absolute_weight(setup):
     model, _, config, batches = setup
     torch.testing.assert_close(
-        magnitude_scores(model, batches, config), {n: p.detach().abs() for n, p in prunable_weights(model).items()}
+        magnitude_scores(model, batches, config.pruning, config.seed), {n: p.detach().abs() for n, p in prunable_weights(model).items()}
     )
 
 
 def test_random_scores_are_seeded_uniform(setup):
     model, _, config, batches = setup
-    a = random_scores(model, batches, config)
-    b = random_scores(model, batches, config)
-    c = random_scores(model, batches, pruning_config(seed=1))
+    a = random_scores(model, batches, config.pruning, config.seed)
+    b = random_scores(model, batches, config.pruning, config.seed)
+    c = random_scores(model, batches, *score_args(pruning_config(seed=1)))
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(flat(a), flat(c))
     u = flat(a)
@@ -174,7 +175,7 @@ def test_scorers_leave_the_model_unchanged(setup):
     model, _, config, batches = setup
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for method in SCORERS:
-        get_scorer(method)(model, batches[:1], pruning_config(method=method, sparsity=0.6, synflow_iterations=5))
+        get_scorer(method)(model, batches[:1], *score_args(pruning_config(method=method, sparsity=0.6, synflow_iterations=5)))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
@@ -183,7 +184,7 @@ def test_zero_initialized_last_layer_is_a_clear_error(setup):
     with torch.no_grad():
         model.blocks[0].field.layers[-1].weight.zero_()
     with pytest.raises(ConfigError, match="identically zero"):
-        prune_at_init(model, data, config, CPU)
+        prune(model, data, config)
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -197,7 +198,7 @@ def test_grasp_is_theta_times_hessian_gradient_product(float64):
     x = torch.randn(8, 2)
     config = pruning_config(method="grasp")
     weights = prunable_weights(flow)
-    scores = grasp_scores(flow, [x], config)
+    scores = grasp_scores(flow, [x], config.pruning, config.seed)
 
     def gradient() -> dict[str, torch.Tensor]:
         return objective_gradients(flow, [x], weights, ("nll",))["nll"]
@@ -244,13 +245,13 @@ def test_synflow_matches_the_closed_form_path_products(float64):
     weights = prunable_weights(flow)
     expected = dict(zip(weights, path_products([p.detach() for p in weights.values()])))
 
-    dense = synflow_scores(flow, [], pruning_config(method="synflow", sparsity=0.0, synflow_iterations=3))
+    dense = synflow_scores(flow, [], *score_args(pruning_config(method="synflow", sparsity=0.0, synflow_iterations=3)))
     torch.testing.assert_close(dense, expected)
     # synaptic flow is conserved: every layer carries the same total score
     totals = torch.stack([s.sum() for s in dense.values()])
     torch.testing.assert_close(totals, totals[:1].expand_as(totals))
 
-    one_shot = synflow_scores(flow, [], pruning_config(method="synflow", sparsity=0.75, synflow_iterations=1))
+    one_shot = synflow_scores(flow, [], *score_args(pruning_config(method="synflow", sparsity=0.75, synflow_iterations=1)))
     s = flat(expected)
     k = round(0.25 * s.numel())
     top = torch.zeros(s.numel(), dtype=torch.bool)
@@ -261,10 +262,10 @@ def test_synflow_matches_the_closed_form_path_products(float64):
 def test_iterative_synflow_reaches_the_target_and_scores_pruned_weights_minus_inf(setup):
     model, _, _, batches = setup
     config = pruning_config(method="synflow", sparsity=0.9, synflow_iterations=20)
-    scores = flat(synflow_scores(model, batches, config))
+    scores = flat(synflow_scores(model, batches, config.pruning, config.seed))
     assert int(torch.isfinite(scores).sum()) == round(0.1 * scores.numel())
     assert (scores[torch.isfinite(scores)] >= 0).all()
-    assert torch.equal(scores, flat(synflow_scores(model, [], config)))  # data-free
+    assert torch.equal(scores, flat(synflow_scores(model, [], config.pruning, config.seed)))  # data-free
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -300,8 +301,8 @@ def test_two_round_synflow_prunes_geometrically_within_the_scope(scope, float64)
     second = prune(survivors, first, 0.75)
     expected = path_products(survivors)
 
-    scores = synflow_scores(flow, [], pruning_config(method="synflow", sparsity=0.75, synflow_iterations=2,
-                                                       scope=scope))
+    scores = synflow_scores(flow, [], *score_args(pruning_config(method="synflow", sparsity=0.75, synflow_iterations=2,
+                                                       scope=scope)))
     for s, keep, e in zip(scores.values(), second, expected):
         assert torch.equal(torch.isfinite(s), keep)
         torch.testing.assert_close(s[keep], e[keep])
@@ -323,10 +324,10 @@ def test_weights_without_a_jacobian_gradient_score_zero_and_the_rest_prune():
     model = build_model(config, data.event_shape)
     with torch.no_grad():
         model.blocks[1].field.layers[-1].weight.zero_()
-    scores = jacobian_spectrum_scores(model, scoring_batches(data, config), config)
+    scores = jacobian_spectrum_scores(model, scoring_batches(data, config.pruning.batches, config.train.batch_size, config.seed), config.pruning, config.seed)
     for name in ("blocks.1.field.layers.0.weight", "blocks.1.field.layers.1.weight"):
         assert torch.count_nonzero(scores[name]) == 0, name
     assert all(torch.count_nonzero(scores[f"blocks.0.field.layers.{i}.weight"]) > 0 for i in range(3))
-    prune_at_init(model, data, config, CPU)
+    prune(model, data, config)
     kept = flat({n: mask_buffer(model, n) for n in prunable_weights(model)})
     assert int(kept.sum()) == round(0.4 * kept.numel())

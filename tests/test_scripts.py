@@ -9,7 +9,8 @@ import torch
 
 import sample
 import train
-from cnf.checkpoint import load_checkpoint, save_checkpoint
+from cnf_prune.checkpoint import load_checkpoint, save_checkpoint
+from cnf_prune.trainer import GAP_WARNING_NATS_PER_DIM, learning_rate, solver_gap_warning
 from helpers import run_train
 
 
@@ -64,17 +65,17 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_cosine_learning_rate_schedule():
-    from cnf.config import TrainConfig
+    from cnf_prune.config import TrainConfig
 
     cosine = TrainConfig(iterations=100, lr=2e-3, lr_schedule="cosine")
-    assert train.learning_rate(cosine, 0) == pytest.approx(2e-3)
-    assert train.learning_rate(cosine, 50) == pytest.approx(1e-3)
-    assert train.learning_rate(cosine, 25) == pytest.approx(1e-3 * (1 + 2 ** -0.5))
-    assert train.learning_rate(cosine, 100) == pytest.approx(0.0, abs=1e-15)
-    rates = [train.learning_rate(cosine, s) for s in range(101)]
+    assert learning_rate(cosine, 0) == pytest.approx(2e-3)
+    assert learning_rate(cosine, 50) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 25) == pytest.approx(1e-3 * (1 + 2 ** -0.5))
+    assert learning_rate(cosine, 100) == pytest.approx(0.0, abs=1e-15)
+    rates = [learning_rate(cosine, s) for s in range(101)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
     constant = TrainConfig(iterations=100, lr=2e-3)
-    assert {train.learning_rate(constant, s) for s in range(101)} == {2e-3}
+    assert {learning_rate(constant, s) for s in range(101)} == {2e-3}
 
 
 def test_an_interrupted_cosine_run_resumes_on_the_same_curve(tmp_path, monkeypatch):
@@ -273,11 +274,11 @@ def test_solver_gap_warning_only_for_a_fixed_step_solver_past_the_threshold():
     from cnf.solver import Solver
 
     rk4, dopri5 = Solver(method="rk4", step_size=0.5), Solver(method="dopri5")
-    limit = train.GAP_WARNING_NATS_PER_DIM * 784
-    assert train.solver_gap_warning(0.9 * limit, 784, rk4) is None  # ordinary generalization gap
-    assert train.solver_gap_warning(-5 * limit, 784, rk4) is None  # validation better than training
-    assert train.solver_gap_warning(50 * limit, 784, dopri5) is None  # adaptive: error controlled
-    warning = train.solver_gap_warning(1.1 * limit, 784, rk4)
+    limit = GAP_WARNING_NATS_PER_DIM * 784
+    assert solver_gap_warning(0.9 * limit, 784, rk4) is None  # ordinary generalization gap
+    assert solver_gap_warning(-5 * limit, 784, rk4) is None  # validation better than training
+    assert solver_gap_warning(50 * limit, 784, dopri5) is None  # adaptive: error controlled
+    warning = solver_gap_warning(1.1 * limit, 784, rk4)
     assert "0.110 nats/dim" in warning and "rk4 (step_size=0.5)" in warning and "solver.step_size" in warning
 
 
@@ -308,7 +309,7 @@ def test_image_samples_are_the_pixels_of_the_flows_samples(tmp_path):
     """sample.py undoes the logit transform: pixels = (σ(x) − α) / (1 − 2α) of the flow's
     samples x, in [0, 1] and, for an untrained flow, rarely at either end."""
     import build
-    from cnf.config import load_config, to_dict
+    from cnf_prune.config import load_config, to_dict
     from cnf.images import logit_inverse
 
     config = load_config(None, [

@@ -5,14 +5,16 @@ import pytest
 import torch
 
 import sample
-from build import build_model
-from cnf.checkpoint import save_checkpoint
-from cnf.config import load_config, to_dict
+from helpers import prune
+from cnf_prune.build import build_model
+from cnf_prune.checkpoint import save_checkpoint
+from cnf_prune.config import load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
-from pruning import compact as compact_cli
+from cnf_prune.commands import compact as compact_cli
 from pruning.apply import prune_at_init
-from pruning.compact import compact, field_cost
+from cnf_prune.build import compact_model as compact
+from pruning.compact import field_cost
 from pruning.masks import apply_masks, mask_buffer, prunable_weights
 from pruning.structured import hidden_layers, select_units, unit_scores, unit_sparsity
 
@@ -183,7 +185,7 @@ def test_prune_at_init_with_unit_granularity():
                         "solver.atol=1e-5")
     data = make_data(config.data, config.seed)
     model = build_model(config, data.event_shape)
-    report = prune_at_init(model, data, config, torch.device("cpu"))
+    report = prune(model, data, config)
     assert "whole units" in report
     assert unit_sparsity(model) == pytest.approx(6 / 13)  # round(3.5) = 4 of 7 and 3 of 6 kept per block
 

@@ -10,12 +10,12 @@ import torch
 
 import sample
 import train
-from cnf.checkpoint import load_checkpoint
-from cnf.config import load_config
+from cnf_prune.checkpoint import load_checkpoint
+from cnf_prune.config import load_config
 from cnf.divergence import Exact, Hutchinson
 from cnf.fields import MLPField
 from cnf.flow import Flow
-from cnf.model import build_flow
+from cnf_prune.build import build_model as build_flow
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import train
-from build import build_model, load_model
-from cnf.checkpoint import load_checkpoint
-from cnf.config import load_config
+from cnf_prune.build import build_model, load_model
+from cnf_prune.checkpoint import load_checkpoint
+from cnf_prune.config import load_config
 from cnf.data import ToyData, make_data
-from cnf.evaluate import evaluate
+from cnf_prune.evaluate import evaluate
+from cnf_prune.objectives import Likelihood
 from helpers import run_train, scalar_events
 from pruning.gates import expected_l0, flow_gates
 from pruning.pathreg import pathreg, weight_path_norm
@@ -39,7 +40,8 @@ def test_the_loss_is_the_nll_plus_each_penalty_times_its_own_weight():
                 p.mul_(4.0)
     x = data.train_batch(16)
     torch.manual_seed(1)  # the same gate draws for the loss and the reference trace
-    nll, loss, trace, _ = train.training_loss(model.trace, model, data, x, config)
+    batch = Likelihood(config.regularization)(model.trace, model, data, x)
+    nll, loss, trace = batch.nll, batch.loss, batch.trace
     torch.manual_seed(1)
     reference = model.trace(x)
     terms = {

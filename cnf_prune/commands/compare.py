@@ -1,6 +1,6 @@
 """Compare pruning-at-initialization methods on the same data, seeds and budget.
 
-    python -m pruning.compare configs/compare_toy.yaml [--out DIR] [--set KEY=VALUE ...]
+    cnf-compare configs/compare_toy.yaml [--out DIR] [--set KEY=VALUE ...]   (or python -m cnf_prune.commands.compare)
 
 The comparison file names a base training config and what to vary::
 
@@ -15,7 +15,7 @@ The comparison file names a base training config and what to vary::
         set: [regularization.l0=0.01]
     threads: 1                          # optional: torch CPU threads (small models: 1 is fastest)
 
-``--set`` adds overrides to every run. Each run trains with ``train.main`` into
+``--set`` adds overrides to every run. Each run trains (the trainer of ``train.py``) into
 ``OUT/<method>_s<sparsity>_seed<seed>/``, so ``tensorboard --logdir OUT`` overlays
 their curves. A run that finished is skipped and an interrupted one resumed, so
 rerunning the command continues a comparison. ``--only PATTERN`` (repeatable,
@@ -41,7 +41,6 @@ import fnmatch
 import json
 import math
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,13 +51,17 @@ import numpy as np
 import torch
 import yaml
 
-from cnf.config import Config, from_dict, load_config, to_dict
+from cnf.config import build_section
 from cnf.errors import ConfigError, report_user_errors
-from pruning.scores import SCORERS
+from cnf_prune.commands.train import train
+from cnf_prune.config import Config, from_dict, load_config, to_dict
+from cnf_prune.rundir import locked_run_directory
+from pruning.config import PRUNING_METHODS
 
 DENSE = "dense"
 CURVES = ("jacobian/cumulative_norm", "nfe/forward")
 STATUS_FILE = "compare.json"
+SCORER_NAMES = tuple(m for m in PRUNING_METHODS if m != "none")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -106,30 +109,58 @@ class RunResult:
 # --- the comparison file ---------------------------------------------------------
 
 
-def _keys(values: object, allowed: Sequence[str], where: str) -> dict:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping with keys {', '.join(allowed)}")
-    unknown = [k for k in values if k not in allowed]
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(allowed)}")
-    return values
+@dataclass
+class BaseSection:
+    """``base``: the training config every run starts from, and overrides for all."""
+
+    config: str = ""
+    set: list[str] = field(default_factory=list)
 
 
-def _strings(values: object, where: str) -> list[str]:
-    if values is None:
-        return []
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ConfigError(f"{where} must be a list of KEY=VALUE strings")
-    return list(values)
+@dataclass
+class ExtraRun:
+    """An entry of ``runs``: a labelled run per seed with its own overrides."""
+
+    label: str = ""
+    set: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not _LABEL.match(self.label) or self.label in (DENSE, *PRUNING_METHODS):
+            raise ConfigError(
+                "runs[].label must be a name of letters, digits, '_', '.', '-' that is "
+                f"not a method name (got {self.label!r})"
+            )
 
 
-def _list(spec: dict, key: str) -> list:
-    values = spec.get(key)
-    if values is None:
-        return []
-    if not isinstance(values, list):
-        raise ConfigError(f"{key} must be a list (got {values!r})")
-    return values
+@dataclass
+class ComparisonFile:
+    """The comparison file's schema, checked by the config loader of training configs."""
+
+    base: BaseSection = field(default_factory=BaseSection)
+    methods: list[str] = field(default_factory=list)
+    sparsities: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    runs: list[ExtraRun] = field(default_factory=list)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        valid = (DENSE, *SCORER_NAMES)
+        for m in self.methods:
+            if m not in valid:
+                raise ConfigError(f"unknown method {m!r} in methods; valid: {', '.join(valid)}")
+        for s in self.sparsities:
+            if not 0 < s < 1:
+                raise ConfigError(f"sparsities must be numbers in (0, 1) (got {s!r})")
+        if not self.seeds:
+            raise ConfigError(f"seeds must be a non-empty list of integers (got {self.seeds!r})")
+        if not self.base.config:
+            raise ConfigError("base.config must name a training config, e.g. configs/toy.yaml")
+        if not self.methods and not self.runs:
+            raise ConfigError("the comparison has no runs: give methods (and sparsities) or runs")
+        if any(m != DENSE for m in self.methods) and not self.sparsities:
+            raise ConfigError("methods other than dense need sparsities, e.g. sparsities: [0.8]")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be a positive integer or absent (got {self.threads!r})")
 
 
 def _resolve(path: str, relative_to: Path) -> Path:
@@ -146,59 +177,28 @@ def load_comparison(path: str | Path, overrides: Sequence[str] = ()) -> Comparis
     if not path.is_file():
         raise ConfigError(f"comparison file {str(path)!r} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    spec = _keys(spec, ("base", "methods", "sparsities", "seeds", "runs", "threads"), str(path))
-    base = _keys(spec.get("base"), ("config", "set"), "base")
-    if not isinstance(base.get("config"), str):
-        raise ConfigError("base.config must name a training config, e.g. configs/toy.yaml")
-    base_path = _resolve(base["config"], path.parent)
-    common = _strings(base.get("set"), "base.set") + list(overrides)
-
-    methods, sparsities = _list(spec, "methods"), _list(spec, "sparsities")
-    valid = (DENSE, *SCORERS)
-    for m in methods:
-        if m not in valid:
-            raise ConfigError(f"unknown method {m!r} in methods; valid: {', '.join(valid)}")
-    for s in sparsities:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1:
-            raise ConfigError(f"sparsities must be numbers in (0, 1) (got {s!r})")
-    seeds = _list(spec, "seeds") if "seeds" in spec else [0]
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seeds must be a non-empty list of integers (got {seeds!r})")
-    extra = [_keys(run, ("label", "set"), f"runs[{i}]") for i, run in enumerate(_list(spec, "runs"))]
-    for i, run in enumerate(extra):
-        label = run.get("label")
-        if not isinstance(label, str) or not _LABEL.match(label) or label in valid:
-            raise ConfigError(
-                f"runs[{i}].label must be a name of letters, digits, '_', '.', '-' that is "
-                f"not a method name (got {label!r})"
-            )
-    if not methods and not extra:
-        raise ConfigError("the comparison has no runs: give methods (and sparsities) or runs")
-    if any(m != DENSE for m in methods) and not sparsities:
-        raise ConfigError("methods other than dense need sparsities, e.g. sparsities: [0.8]")
-
+    spec: ComparisonFile = build_section(ComparisonFile, values)
+    base_path = _resolve(spec.base.config, path.parent)
+    common = list(spec.base.set) + list(overrides)
     runs: list[RunSpec] = []
-    for seed in seeds:
-        for m in methods:
-            for s in [0.0] if m == DENSE else sparsities:
+    for seed in spec.seeds:
+        for m in spec.methods:
+            for s in [0.0] if m == DENSE else spec.sparsities:
                 method = "none" if m == DENSE else m
                 runs.append(RunSpec(m, float(s), seed, (f"pruning.method={method}", f"pruning.sparsity={s}", f"seed={seed}")))
-        for i, run in enumerate(extra):
-            extra_set = (*_strings(run.get("set"), f"runs[{i}].set"), f"seed={seed}")
+        for run in spec.runs:
+            extra_set = (*run.set, f"seed={seed}")
             sparsity = load_config(base_path, [*common, *extra_set]).pruning.sparsity
-            runs.append(RunSpec(run["label"], sparsity, seed, extra_set))
+            runs.append(RunSpec(run.label, sparsity, seed, extra_set))
     names = [r.name for r in runs]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise ConfigError(f"two runs would share the directory {clashes[0]}: make the run labels "
                           "(and seeds) unique")
-    threads = spec.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer or absent (got {threads!r})")
-    comparison = Comparison(base_path, common, runs, threads)
+    comparison = Comparison(base_path, common, runs, spec.threads)
     for run in runs:
         run_config(comparison, run)
     return comparison
@@ -227,9 +227,7 @@ def _write_status(run_dir: Path, status: str, seconds: float, exit_code: int) ->
 
 def train_run(comparison: Comparison, run: RunSpec, out: Path, log: Callable[[str], None]) -> int:
     """Train ``run`` into ``out/run.name`` unless it finished; resume it if it was
-    interrupted. Returns ``train.main``'s exit code (0 for a skipped run)."""
-    import train
-
+    interrupted. Returns the training exit code (0 for a skipped run)."""
     run_dir = out / run.name
     config = run_config(comparison, run)
     status = _status(run_dir)
@@ -244,17 +242,10 @@ def train_run(comparison: Comparison, run: RunSpec, out: Path, log: Callable[[st
         return 0
     resume = (run_dir / "checkpoint.pt").is_file()
     log(f"{run.name}: {'resuming' if resume else 'training'}")
-    args = [str(comparison.base), "--out", str(run_dir)]
-    args += [a for o in (*comparison.overrides, *run.overrides) for a in ("--set", o)]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
-    try:
-        code = train.main(args + (["--resume"] if resume else []))
-    finally:
-        for s, h in handlers.items():  # train.main installs its own; give ours back
-            signal.signal(s, h)
+    code = train(config, run_dir, resume=resume)
     seconds = status.get("wall_seconds", 0.0) + time.perf_counter() - start
-    if run_dir.is_dir():
+    if run_dir.is_dir() and code != 7:  # 7: another process holds the run; its status is its own
         # a signal (exit > 128) leaves a checkpoint to resume: the run is not finished, nor failed
         state = "done" if code == 0 else "interrupted" if code > 128 else "unfinished"
         _write_status(run_dir, state, seconds, code)
@@ -455,12 +446,13 @@ def tradeoff_figure(rows: Sequence[Row], results: Sequence[RunResult], path: Pat
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pruning.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="cnf-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("comparison", help="comparison YAML (see configs/compare_toy.yaml)")
     p.add_argument("--out", help="output directory (default: runs/<comparison file name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config value in every run (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override training config values in every run, e.g. --set train.iterations=200 "
+                        "train.lr=5e-4 (repeatable)")
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="train only the runs whose name matches this shell-style pattern, for example "
                         "'random_*' (repeatable; run the other runs in other processes with the same --out)")
@@ -486,10 +478,13 @@ def main(argv: list[str] | None = None) -> int:
 def compare(args: argparse.Namespace) -> int:
     comparison = load_comparison(args.comparison, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.comparison).stem
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the output directory {str(out)!r}: {exc.strerror}") from None
+    # --only processes share OUT (each run directory has its own lock); a full comparison holds it alone
+    with locked_run_directory(out, shared=bool(args.only)):
+        return run_comparison(args, comparison, out)
+
+
+def run_comparison(args: argparse.Namespace, comparison: Comparison, out: Path) -> int:
+    """Train the chosen runs of ``comparison`` into ``out``, then tabulate and plot."""
     (out / "comparison.yaml").write_text(yaml.safe_dump({
         "base": str(comparison.base), "set": comparison.overrides,
         "runs": [{"name": r.name, "set": list(r.overrides)} for r in comparison.runs],

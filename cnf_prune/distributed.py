@@ -9,9 +9,10 @@ over ranks before logging (ranks may take different numbers of adaptive steps).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,16 @@ def setup(device_name: str) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+@contextlib.contextmanager
+def session(device_name: str) -> Iterator[Context]:
+    """:func:`setup` for the duration, then :func:`teardown`."""
+    ctx = setup(device_name)
+    try:
+        yield ctx
+    finally:
+        teardown(ctx)
 
 
 def teardown(ctx: Context) -> None:

@@ -1,0 +1,141 @@
+"""The experiment config: the library sections composed into one, loaded from
+YAML with ``--set`` overrides.
+
+A config is a tree of dataclasses (:class:`Config`). YAML files and
+``section.key=value`` overrides are merged onto the defaults; an unknown key, a
+value of the wrong type or an unregistered name raises
+:class:`~cnf.errors.ConfigError` naming the valid choices, when the config
+loads, before any data or model work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from cnf.config import DataConfig, ModelConfig, SolverConfig, build_section, check
+from cnf.errors import ConfigError
+from pruning.config import PruningConfig, RegularizationConfig
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "PruningConfig", "RegularizationConfig", "SolverConfig",
+    "TrainConfig", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping intervals (in iterations). ``early_stopping``:
+    stop after this many validations without a better validation NLL (0: never);
+    ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation;
+    ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` at step 0 down to 0 at
+    ``iterations``); ``ema_decay``: evaluate, sample and checkpoint an exponential
+    moving average of the parameters with this decay (0: the last iterate; see
+    :mod:`cnf.ema`); ``tf32``: let float32 convolutions and matrix products on
+    NVIDIA GPUs use TF32 tensor cores (see :func:`cnf.distributed.use_tf32`)."""
+
+    iterations: int = 10000
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    weight_decay: float = 1e-5
+    ema_decay: float = 0.0
+    val_every: int = 100
+    val_batch_size: int = 1000
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    max_bad_steps: int = 20
+    grad_clip: float | None = None
+    early_stopping: int = 0
+    figures: bool = True
+    tf32: bool = False
+    # torch CPU threads (null: 1 for the 2-D toy sets, whose small field runs fastest on
+    # one thread, torch's default otherwise); see docs/performance.md
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.threads is None or self.threads > 0, f"train.threads must be positive or null (got {self.threads})")
+        for key in ("iterations", "batch_size", "val_every", "val_batch_size", "checkpoint_every",
+                    "log_every", "max_bad_steps"):
+            check(getattr(self, key) > 0, f"train.{key} must be positive (got {getattr(self, key)})")
+        check(self.lr > 0, f"train.lr must be positive (got {self.lr})")
+        check(self.lr_schedule in ("constant", "cosine"),
+               f"train.lr_schedule must be 'constant' or 'cosine' (got {self.lr_schedule!r})")
+        check(self.weight_decay >= 0, f"train.weight_decay must be non-negative (got {self.weight_decay})")
+        check(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1) (got {self.ema_decay})")
+        check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be positive or null")
+        check(self.early_stopping >= 0, f"train.early_stopping must be non-negative (got {self.early_stopping})")
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+
+    def __post_init__(self) -> None:
+        check(0 <= self.seed < 2**63, f"seed must be a non-negative integer below 2**63 (got {self.seed})")
+
+
+def from_dict(values: dict) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (missing keys take defaults)."""
+    return build_section(Config, values)
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain nested dicts (for YAML and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.sub=value`` strings onto nested dicts; values are parsed as YAML."""
+    values = yaml.safe_load(yaml.safe_dump(values)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (``None``: defaults only), apply overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file (a YAML config, "
+                              "not a checkpoint or data file)") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return from_dict(apply_overrides(values, overrides))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
