@@ -13,7 +13,9 @@ Jacobian Frobenius norm; with the Hutchinson divergence its integrand is
 (so ``‖J ε‖`` itself is biased low by Jensen's inequality; exact for ``Exact``).
 
 Only ``z`` and ``Δ`` enter adaptive step-size control; ``R``, ``K`` and ``F``
-only measure the trajectory. Sampling needs ``z`` alone: with ``density=False``
+only measure the trajectory. The field reads ``z`` alone, so the adjoint (backward)
+solve controls its steps by ``z`` and ``a_z`` (see :func:`cnf.solver.integrate`):
+the adjoints of ``Δ, R, K, F`` are constant. Sampling needs ``z`` alone: with ``density=False``
 the block integrates ``dz/dt = f`` without tangents, which saves the
 Jacobian-vector products (about half of each evaluation with a Hutchinson probe,
 two thirds with the exact 2-D divergence). The Hutchinson probe and any weight
@@ -170,7 +172,10 @@ class CNFBlock(nn.Module):
             p for name, p in field.named_parameters() if name not in weights
         ]
         try:
-            final = integrate(solver, dynamics, state, times, params, n_controlled=min(2, len(state)))
+            final = integrate(
+                solver, dynamics, state, times, params, n_controlled=min(2, len(state)),
+                n_coupled=1, start_time_grad=reverse and times.requires_grad,
+            )
         except SolverError as exc:
             if not all(torch.isfinite(p).all() for p in (x, *params)):
                 raise NonFiniteError("NaN or inf values in the input or weights of an ODE solve") from exc

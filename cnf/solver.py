@@ -6,6 +6,20 @@ states of the augmented state take part in adaptive step-size control: states
 that merely *measure* the trajectory (the cumulative Jacobian norm, regularizer
 integrals) must not change the steps the solver takes, or measuring R would
 change the NFE.
+
+The adjoint method solves, from ``t1`` back to ``t0``, the augmented system
+
+    dy/dt = f(t, y)           da/dt = -aᵀ ∂f/∂y
+    da_θ/dt = -aᵀ ∂f/∂θ       da_t/dt = -aᵀ ∂f/∂t
+
+with ``y = (z, Δ, R, ...)``. Only the first ``n_coupled`` states (``z``) are read
+by ``f``; the others only accumulate, so their adjoints are constant in time
+(``∂f/∂Δ = 0``) and their backward re-integration is discarded by torchdiffeq
+(it restarts from the forward values). torchdiffeq's default backward norm still
+includes ``a_t``, whose integral is only ``∂L/∂t0`` (unused when ``t0`` is a
+constant), and every parameter adjoint. The backward norm here is the maximum
+over ``z`` and ``a_z``, plus ``a_t`` when ``t0`` needs a gradient, plus the
+parameter adjoints unless ``adjoint_seminorm`` (Kidger et al. 2021).
 """
 
 from __future__ import annotations
@@ -77,17 +91,21 @@ def integrate(
     times: Tensor,
     params: Sequence[Tensor],
     n_controlled: int,
+    n_coupled: int | None = None,
+    start_time_grad: bool | None = None,
 ) -> State:
     """Integrate ``dynamics`` from ``times[0]`` to ``times[-1]``; return the final state.
 
     ``params`` are the tensors ``dynamics`` closes over that need gradients (used
-    by the adjoint method). Raises :class:`SolverError` if the step size underflows.
+    by the adjoint method). ``n_coupled`` (default ``n_controlled``) is how many
+    leading states ``dynamics`` reads: only these and their adjoints control the
+    backward steps. ``start_time_grad`` says whether ``times[0]`` needs a gradient
+    (default: whether ``times`` does). Raises :class:`SolverError` if the step
+    size underflows.
     """
 
     def norm(states: Sequence[Tensor]) -> Tensor:
-        return torch.stack(
-            [s.pow(2).mean().sqrt() for s in states[:n_controlled]]
-        ).max()
+        return _rms_max(states[:n_controlled])
 
     options: dict = {"norm": norm}
     if solver.step_size is not None and not solver.adaptive:
@@ -98,10 +116,14 @@ def integrate(
     try:
         if solver.adjoint:
             adjoint_options = {k: v for k, v in options.items() if k != "norm"}
-            if solver.adjoint_seminorm:
-                adjoint_options["norm"] = "seminorm"
+            adjoint_options["norm"] = adjoint_norm(
+                len(state),
+                n_controlled if n_coupled is None else n_coupled,
+                times.requires_grad if start_time_grad is None else start_time_grad,
+                not solver.adjoint_seminorm,
+            )
             out = odeint_adjoint(
-                dynamics, state, times, adjoint_params=tuple(params),
+                dynamics, state, times, adjoint_params=tuple(p for p in params if p.requires_grad),
                 adjoint_options=adjoint_options, **kwargs,
             )
         else:
@@ -109,6 +131,32 @@ def integrate(
     except AssertionError as exc:
         raise solver_failure(exc, solver) from exc
     return tuple(s[-1] for s in out)
+
+
+def _rms_max(tensors: Sequence[Tensor]) -> Tensor:
+    """``max_i sqrt(mean(x_i²))``: torchdiffeq's mixed norm over a tuple of states."""
+    return torch.stack([s.pow(2).mean().sqrt() for s in tensors]).max()
+
+
+def adjoint_norm(
+    n_states: int, n_coupled: int, start_time_grad: bool, param_adjoints: bool
+) -> Callable[[Sequence[Tensor]], Tensor]:
+    """The backward solve's error norm over torchdiffeq's tupled adjoint state
+    ``(a_t, y_1..y_n, a_1..a_n, a_θ_1, ...)`` (each entry an error ratio).
+
+    It is ``max`` of the RMS of ``y_i`` and ``a_i`` for ``i ≤ n_coupled``, of
+    ``|a_t|`` if ``start_time_grad``, and of each ``a_θ`` if ``param_adjoints``.
+    """
+
+    def norm(ratios: Sequence[Tensor]) -> Tensor:
+        ys, adjs = ratios[1:1 + n_states], ratios[1 + n_states:1 + 2 * n_states]
+        parts = [*ys[:n_coupled], *adjs[:n_coupled]]
+        if param_adjoints:
+            parts.extend(ratios[1 + 2 * n_states:])
+        out = _rms_max(parts)
+        return torch.maximum(out, ratios[0].abs()) if start_time_grad else out
+
+    return norm
 
 
 def solver_failure(exc: BaseException, solver: Solver, where: str = "") -> Exception:

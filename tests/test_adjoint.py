@@ -1,0 +1,113 @@
+"""The adjoint (backward) solve: its gradients equal direct backpropagation's, and
+its step-size control looks at the states that need it (``cnf.solver.adjoint_norm``)."""
+
+import pytest
+import torch
+
+from cnf.divergence import Exact, Hutchinson
+from cnf.fields import MLPField
+from cnf.flow import Flow
+from cnf.odeblock import CNFBlock
+from cnf.solver import Solver, adjoint_norm
+from helpers import LinearField
+
+
+def flow_grads(adjoint: bool, seminorm: bool, reverse: bool, penalties: bool) -> dict[str, torch.Tensor]:
+    """Gradients of a loss using every output of one solve (z, log-det, R, K, F) on a
+    concatsquash MLP with a trainable end time, plus the input's gradient."""
+    torch.manual_seed(0)
+    field = MLPField(2, [8, 8], layer_type="concatsquash", nonlinearity="tanh")
+    solver = Solver(rtol=1e-10, atol=1e-10, adjoint=adjoint, adjoint_seminorm=seminorm)
+    block = CNFBlock(field, end_time=0.6, train_end_time=True, solver=solver,
+                     kinetic=penalties, jacobian_frobenius=penalties)
+    x = torch.linspace(-1.0, 1.2, 12).view(6, 2).requires_grad_(True)
+    out = block(x, reverse=reverse)
+    loss = out.z.pow(2).sum() + out.logabsdet.sum() + 0.3 * out.jac_norm.sum()
+    if penalties:
+        loss = loss + 0.1 * out.kinetic.sum() + 0.2 * out.jac_frobenius.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    grads["x"] = x.grad.clone()
+    return grads
+
+
+@pytest.mark.parametrize("seminorm", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("penalties", [False, True])
+def test_adjoint_gradients_equal_direct_backprop(seminorm, reverse, penalties, float64):
+    """Leaving a_t (forward solves), the parameter adjoints (seminorm) and the
+    measurement states out of the backward error control keeps every gradient,
+    the end time's included, in both directions."""
+    adjoint = flow_grads(True, seminorm, reverse, penalties)
+    direct = flow_grads(False, seminorm, reverse, penalties)
+    assert adjoint["sqrt_end_time"].abs() > 0
+    for name in direct:
+        torch.testing.assert_close(adjoint[name], direct[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_norm_reads_z_and_its_adjoint_and_what_the_gradient_needs():
+    """Ratios laid out as torchdiffeq passes them: (a_t, z, Δ, R, a_z, a_Δ, a_R, a_θ)."""
+    big, small = torch.full((4,), 100.0), torch.full((4,), 0.5)
+    a_t, z, a_z = torch.tensor(50.0), small, torch.full((4,), 0.7)
+    ratios = (a_t, z, big, big, a_z, big, big, torch.full((3,), 9.0))
+    assert adjoint_norm(3, 1, start_time_grad=False, param_adjoints=False)(ratios) == pytest.approx(0.7)
+    assert adjoint_norm(3, 1, start_time_grad=False, param_adjoints=True)(ratios) == pytest.approx(9.0)
+    assert adjoint_norm(3, 1, start_time_grad=True, param_adjoints=True)(ratios) == pytest.approx(50.0)
+    assert adjoint_norm(3, 2, start_time_grad=False, param_adjoints=False)(ratios) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("seminorm", [False, True])
+def test_backward_nfe_of_a_linear_field_is_bounded_by_the_forward(seminorm, float64):
+    """For ``f = A z`` the adjoint ``a' = -Aᵀ a`` is as smooth as ``z``: the backward
+    solve (z back in time and a_z together) takes about the forward's steps, plus
+    one evaluation at T for the end time's gradient. With the parameter adjoint
+    ``a_A' = -a zᵀ`` in control it may take more, but not twice as many."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.7
+    solver = Solver(rtol=1e-8, atol=1e-8, adjoint_seminorm=seminorm)
+    flow = Flow([CNFBlock(LinearField(a), end_time=1.0, train_end_time=True, solver=solver)], (3,))
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    trace = flow.trace(x)
+    (-(flow.base.log_prob(trace.out) + trace.logabsdet).mean()).backward()
+    bound = trace.nfe_forward + 1 if seminorm else 1.5 * trace.nfe_forward
+    assert 0 < trace.nfe_backward <= bound
+
+
+@pytest.mark.parametrize("divergence", [Exact(), Hutchinson("rademacher")])
+def test_measurement_states_leave_the_backward_steps_alone(divergence, float64):
+    """Integrating R, K and F alongside (large, rough integrands whose values the
+    backward solve re-integrates and discards) takes the backward solve no more
+    evaluations. (Putting them in the loss does change a_z, and so the steps.)"""
+    counts = []
+    for penalties in (False, True):
+        torch.manual_seed(0)
+        field = MLPField(2, [16, 16], nonlinearity="tanh")
+        block = CNFBlock(field, end_time=0.5, divergence=divergence, solver=Solver(rtol=1e-6, atol=1e-6),
+                         kinetic=penalties, jacobian_frobenius=penalties)
+        out = block(torch.randn(32, 2) * 2)
+        (out.z.pow(2).sum() + out.logabsdet.sum()).backward()
+        counts.append((out.nfe.forward, out.nfe.backward))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("seminorm", [False, True])
+def test_seminorm_setting_reaches_the_adjoint_solve(seminorm, monkeypatch):
+    """``Solver.adjoint_seminorm`` decides whether the parameter adjoints enter the
+    norm that torchdiffeq's backward solve is given."""
+    import cnf.solver
+    from cnf.solver import integrate
+
+    seen = {}
+
+    def fake_adjoint(dynamics, state, times, *, adjoint_params, adjoint_options, **kwargs):
+        seen.update(adjoint_options)
+        return tuple(s.unsqueeze(0) for s in state)
+
+    monkeypatch.setattr(cnf.solver, "odeint_adjoint", fake_adjoint)
+    state = (torch.zeros(2, 1), torch.zeros(2))
+    integrate(Solver(adjoint=True, adjoint_seminorm=seminorm), lambda t, s: s, state, torch.tensor([0.0, 1.0]),
+              [torch.zeros(3, requires_grad=True)], n_controlled=2, n_coupled=1)
+    ratios = (torch.tensor(0.0), torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1), torch.zeros(2),
+              torch.full((3,), 4.0))
+    assert set(seen) == {"norm"}
+    assert float(seen["norm"](ratios)) == (0.0 if seminorm else 4.0)
