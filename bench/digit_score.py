@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnf_prune.build import load_model  # noqa: E402
 from cnf.base import StandardNormal  # noqa: E402
 from cnf_prune.config import DataConfig  # noqa: E402
-from cnf.errors import ConfigError, report_user_errors  # noqa: E402
+from cnf_prune.commands import report_user_errors  # noqa: E402
+from cnf.errors import ConfigError  # noqa: E402
 from cnf.images import dequantize, downsample, load_mnist, logit_inverse, logit_transform  # noqa: E402
 
 

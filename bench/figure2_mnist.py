@@ -32,7 +32,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnf.data import make_data  # noqa: E402
-from cnf.errors import ConfigError, report_user_errors  # noqa: E402
+from cnf_prune.commands import report_user_errors  # noqa: E402
+from cnf.errors import ConfigError  # noqa: E402
 from cnf.images import sample_grid  # noqa: E402
 from cnf_prune.build import load_model  # noqa: E402
 

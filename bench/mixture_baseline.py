@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.digit_score import fit, mnist_with_labels, rate  # noqa: E402
 from cnf.base import GaussianMixture, fit_gaussian_mixture  # noqa: E402
 from cnf_prune.config import load_config  # noqa: E402
-from cnf.errors import ConfigError, report_user_errors  # noqa: E402
+from cnf_prune.commands import report_user_errors  # noqa: E402
+from cnf.errors import ConfigError  # noqa: E402
 from cnf.images import bits_per_dim, dequantize, load_images, logit_inverse, logit_transform  # noqa: E402
 
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnf_prune.build import load_model  # noqa: E402
 from cnf.data import make_data  # noqa: E402
-from cnf.errors import ConfigError, report_user_errors  # noqa: E402
+from cnf_prune.commands import report_user_errors  # noqa: E402
+from cnf.errors import ConfigError  # noqa: E402
 from cnf_prune.evaluate import evaluate  # noqa: E402
 
 _MANTISSA_DROP = 23 - 10  # float32 keeps 23 mantissa bits, TF32 10

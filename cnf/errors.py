@@ -2,14 +2,11 @@
 
 Every problem a user can fix (a bad config value, a missing data file, a corrupt
 checkpoint, a solver that gives up) is raised as a subclass of :class:`UserError`.
-The scripts turn these into a one-line message on stderr and the exit code held by
-the class, so a mistake never ends in a bare traceback.
+The commands (:mod:`cnf_prune.commands`) turn these into a one-line message on
+stderr and the exit code held by the class, so a mistake never ends in a bare traceback.
 """
 
 from __future__ import annotations
-
-import sys
-from typing import Any, Callable
 
 
 class UserError(Exception):
@@ -50,13 +47,3 @@ class TrainingError(UserError):
 
 class NonFiniteError(TrainingError):
     """NaN or inf values entered an ODE solve (the solver cannot step over them)."""
-
-
-def report_user_errors(body: Callable[..., int], *args: Any) -> int:
-    """``body(*args)``, the exit code of a command-line script; a :class:`UserError`
-    it raises becomes one ``error: ...`` line on stderr and the error's exit code."""
-    try:
-        return body(*args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code

@@ -130,7 +130,7 @@ class Trainer:
         bar = tqdm(total=tc.iterations, initial=s.step, desc="train", dynamic_ncols=True, mininterval=1.0,
                    disable=not ctx.main)
         self.model.train()
-        with stop_on_signal() as stop:
+        with stop_on_signal() as stop, contextlib.closing(bar):
             while s.step < tc.iterations and not self.stopped_early():
                 # one optimization step; a non-finite loss or gradient skips it
                 start = time.perf_counter()
@@ -158,7 +158,6 @@ class Trainer:
                     break
                 if stop_now:
                     return self.stopped_by(stop.signal or signal.SIGTERM)
-        bar.close()
         # Training is over and checkpointed: a signal now stops the test evaluation at once.
         with stop_on_signal(self.interrupt_test):
             return self.test() if ctx.main else 0

@@ -234,7 +234,7 @@ def test_load_checkpoint_calls_a_non_zip_file_corrupt(tmp_path):
 
 
 def test_failed_checkpoint_write_leaves_no_temporary_file_and_keeps_the_target(tmp_path, monkeypatch):
-    from cnf import checkpoint
+    from cnf_prune import checkpoint
 
     target = tmp_path / "checkpoint.pt"
     checkpoint.save_checkpoint({"step": 1, "weight": torch.ones(2)}, target)

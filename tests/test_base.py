@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cnf.base
+import train
 from cnf_prune.objectives import Likelihood
 from cnf_prune.build import build_model, load_model
 from cnf.base import GaussianMixture, StandardNormal, fit_base, fit_gaussian_mixture, standard_normal_log_prob
@@ -242,10 +243,11 @@ def test_image_scripts_sample_from_the_fitted_mixture(tmp_path, capsys, monkeypa
 
     npy = tmp_path / "samples.npy"
     assert sample.main([str(run / "best.pt"), "--out", str(npy), "--n", "6", "--temperature", "0.5"]) == 0
-    torch.manual_seed(0)  # sample.py's default --seed
+    from cnf_prune.sampling import SampleNoise
+
     model.eval()
-    with torch.no_grad():
-        expected = model.trace(model.base_noise(6, temperature=0.5), reverse=True, density=False).out
+    with torch.no_grad():  # sample.py's default --seed is 0
+        expected = model.trace(SampleNoise(model, 0, 0.5).draw(0, 6), reverse=True, density=False).out
     expected = logit_inverse(expected, config.data.logit_alpha).clamp(0, 1)
     np.testing.assert_allclose(np.load(npy), expected.numpy(), atol=1e-5)
 

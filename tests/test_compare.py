@@ -65,7 +65,7 @@ def test_tiny_comparison_writes_tables_and_figures_and_resumes(tmp_path):
         ({"methods": ["dense", "prune_it"], "sparsities": [0.5]}, "unknown method 'prune_it'"),
         ({"methods": ["random"], "sparsities": [1.0]}, r"sparsities must be numbers in \(0, 1\)"),
         ({"methods": ["random"]}, "need sparsities"),
-        ({"methods": ["dense"], "seed": [0]}, "unknown key 'seed'"),
+        ({"methods": ["dense"], "seed": [0]}, "unknown config key 'seed'; valid keys in config: base, methods"),
         ({"methods": ["dense"], "runs": [{"label": "random", "set": []}]}, "not a method name"),
         ({"methods": ["dense"], "runs": [{"label": "x", "set": ["model.width=3"]}]}, "unknown config key"),
         ({"methods": ["dense"], "seeds": [0, 0]}, "share the directory dense_s0_seed0"),
@@ -111,16 +111,16 @@ def test_an_interrupted_run_is_waited_for_not_reported_as_failed(tmp_path, capsy
         "base": {"config": TOY, "set": TINY}, "methods": ["dense", "random"], "sparsities": [0.5], "threads": 1,
     })
     out = tmp_path / "out"
-    real_main = train.main
+    real_train = compare.train
 
-    def interrupted(args):
-        Path(args[args.index("--out") + 1]).mkdir(parents=True)
-        return 130  # what train.main returns after Ctrl-C
+    def interrupted(config, out, *, resume=False):
+        Path(out).mkdir(parents=True)
+        return 130  # what training returns after Ctrl-C
 
-    monkeypatch.setattr(train, "main", interrupted)
+    monkeypatch.setattr(compare, "train", interrupted)
     assert compare.main([str(spec), "--out", str(out), "--only", "dense_*"]) == 130
     assert json.loads((out / "dense_s0_seed0" / "compare.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(train, "main", real_main)
+    monkeypatch.setattr(compare, "train", real_train)
     capsys.readouterr()
     assert compare.main([str(spec), "--out", str(out), "--only", "random_*"]) == 0
     assert "still to finish: dense_s0_seed0" in capsys.readouterr().out
@@ -164,15 +164,15 @@ def test_a_failed_seed_is_counted_as_failed_not_averaged_in(tmp_path, monkeypatc
         "base": {"config": TOY, "set": TINY}, "methods": ["dense"], "seeds": [0, 1], "threads": 1,
     })
     out = tmp_path / "out"
-    real_main = train.main
+    real_train = compare.train
 
-    def failing_seed_1(args):
-        if "seed=1" in args:
-            Path(args[args.index("--out") + 1]).mkdir(parents=True)
+    def failing_seed_1(config, out, *, resume=False):
+        if config.seed == 1:
+            Path(out).mkdir(parents=True)
             return 1
-        return real_main(args)
+        return real_train(config, out, resume=resume)
 
-    monkeypatch.setattr(train, "main", failing_seed_1)
+    monkeypatch.setattr(compare, "train", failing_seed_1)
     assert compare.main([str(spec), "--out", str(out)]) == 0
     with open(out / "runs.csv") as f:
         runs = {int(r["seed"]): r for r in csv.DictReader(f)}
@@ -195,23 +195,23 @@ def test_a_resumed_run_reports_the_wall_time_of_all_its_pieces(tmp_path, monkeyp
     out = tmp_path / "out"
     clock = [1000.0]
     monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    real_main = train.main
+    real_train = compare.train
 
-    def first_piece(args):
-        assert real_main(args) == 0  # leaves checkpoint.pt; the signal came just after it
+    def first_piece(config, out, *, resume=False):
+        assert real_train(config, out, resume=resume) == 0  # leaves checkpoint.pt; the signal came just after it
         clock[0] += 100.0
         return 130
 
-    def second_piece(args):
-        assert "--resume" in args
+    def second_piece(config, out, *, resume=False):
+        assert resume
         clock[0] += 5.0
-        return real_main(args)
+        return real_train(config, out, resume=resume)
 
-    monkeypatch.setattr(train, "main", first_piece)
+    monkeypatch.setattr(compare, "train", first_piece)
     assert compare.main([str(spec), "--out", str(out)]) == 130
     status = json.loads((out / "dense_s0_seed0" / "compare.json").read_text())
     assert status["status"] == "interrupted" and status["wall_seconds"] == 100.0
-    monkeypatch.setattr(train, "main", second_piece)
+    monkeypatch.setattr(compare, "train", second_piece)
     assert compare.main([str(spec), "--out", str(out)]) == 0
     status = json.loads((out / "dense_s0_seed0" / "compare.json").read_text())
     assert status["status"] == "done" and status["wall_seconds"] == 105.0

@@ -47,7 +47,7 @@ def _rank_masks(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from cnf_prune.build import build_model
-    from cnf import distributed
+    from cnf_prune import distributed
     from cnf_prune.config import load_config
     from cnf.data import make_data
     from pruning.apply import prune_at_init

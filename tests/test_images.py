@@ -480,7 +480,8 @@ def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
     assert "s per image" in out and "NFE" in out
     from PIL import Image
 
-    assert Image.open(png).size == (3 * 10 + 2, 3 * 10 + 2)  # 3x3 grid of 8x8, padding 2
+    scale = 112 // 8  # each image enlarged to at least 112 px, padding scaled alike
+    assert Image.open(png).size == (3 * 10 * scale + 2 * scale,) * 2  # 3x3 grid of 8x8, padding 2
     npy = tmp_path / "samples.npy"
     assert sample.main([str(run / "best.pt"), "--out", str(npy), "--n", "4"]) == 0
     import numpy as np

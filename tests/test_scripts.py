@@ -196,7 +196,7 @@ def test_a_signal_stops_the_test_evaluation_with_a_message(tmp_path, capsys, mon
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal should have stopped the evaluation")
 
-    monkeypatch.setattr(train, "evaluate", interrupted)
+    monkeypatch.setattr("cnf_prune.trainer.evaluate", interrupted)
     before = signal.getsignal(signal.SIGTERM)
     assert run_train(tmp_path / "r", "--resume") == 128 + signal.SIGTERM
     err = capsys.readouterr().err
@@ -284,15 +284,15 @@ def test_solver_gap_warning_only_for_a_fixed_step_solver_past_the_threshold():
 
 def test_sample_temperature_scales_the_base_noise(tmp_path):
     """--temperature T: the flow's inverse at T times the base noise that --seed draws."""
-    import build
+    import cnf_prune.build as build
+    from cnf_prune.sampling import SampleNoise
 
     out = tmp_path / "run"
     assert run_train(out) == 0
     model = build.load_model(out / "best.pt")[0].eval()
 
     def expected(temperature):
-        torch.manual_seed(3)
-        z = model.base_noise(40)
+        z = SampleNoise(model, 3, 1.0).draw(0, 40)
         with torch.no_grad():
             return model.trace(temperature * z, reverse=True, density=False).out.numpy()
 
@@ -308,7 +308,7 @@ def test_sample_temperature_scales_the_base_noise(tmp_path):
 def test_image_samples_are_the_pixels_of_the_flows_samples(tmp_path):
     """sample.py undoes the logit transform: pixels = (σ(x) − α) / (1 − 2α) of the flow's
     samples x, in [0, 1] and, for an untrained flow, rarely at either end."""
-    import build
+    import cnf_prune.build as build
     from cnf_prune.config import load_config, to_dict
     from cnf.images import logit_inverse
 
@@ -323,9 +323,10 @@ def test_image_samples_are_the_pixels_of_the_flows_samples(tmp_path):
     assert sample.main([str(ckpt), "--out", str(tmp_path / "s.npy"), "--n", "6", "--seed", "2"]) == 0
     pixels = np.load(tmp_path / "s.npy")
 
-    torch.manual_seed(2)
+    from cnf_prune.sampling import SampleNoise
+
     with torch.no_grad():
-        x = model.eval().trace(model.base_noise(6), reverse=True, density=False).out
+        x = model.eval().trace(SampleNoise(model, 2, 1.0).draw(0, 6), reverse=True, density=False).out
     assert pixels.shape == (6, 1, 8, 8)
     np.testing.assert_allclose(pixels, logit_inverse(x, config.data.logit_alpha).numpy(), rtol=1e-5, atol=1e-6)
     assert ((pixels == 0) | (pixels == 1)).mean() < 0.01

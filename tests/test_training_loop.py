@@ -97,7 +97,7 @@ def test_with_averaging_the_test_figure_is_that_of_best_pt(tmp_path, monkeypatch
             result = dataclasses.replace(result, nll=1e9)
         return result
 
-    monkeypatch.setattr(train, "evaluate", second_validation_worse)
+    monkeypatch.setattr("cnf_prune.trainer.evaluate", second_validation_worse)
     run = tmp_path / "r"
     assert run_train(run, "--set", "train.ema_decay=0.5", "--set", "train.iterations=6",
                      "--set", "train.val_every=3") == 0
@@ -114,7 +114,7 @@ def test_with_averaging_the_test_figure_is_that_of_best_pt(tmp_path, monkeypatch
 
 def test_early_stopping_stops_after_exactly_that_many_stale_validations(tmp_path, monkeypatch, capsys):
     flat = type("Result", (), {"nll": 1.0, "jac_norm": 0.0, "nfe": 0.0})()
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: flat)  # never improves after step 1
+    monkeypatch.setattr("cnf_prune.trainer.evaluate", lambda *args, **kwargs: flat)  # never improves after step 1
     run = tmp_path / "r"
     assert run_train(run, "--set", "train.val_every=1", "--set", "train.early_stopping=2",
                      "--set", "train.iterations=10", "--set", "train.figures=false") == 0
@@ -157,7 +157,7 @@ def test_a_finite_loss_with_an_infinite_gradient_is_not_stepped(tmp_path, monkey
         weight.register_hook(hook)
         return model
 
-    monkeypatch.setattr(train, "build_model", build_with_a_bad_first_gradient)
+    monkeypatch.setattr("cnf_prune.setup.build_model", build_with_a_bad_first_gradient)
     run = tmp_path / "r"
     assert run_train(run) == 0
     ckpt = load_checkpoint(run / "checkpoint.pt")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnf.errors import report_user_errors
+from cnf_prune.commands import report_user_errors
 from cnf_prune.build import compact_model, load_model
 from cnf_prune.checkpoint import check_derived_output, save_derived_checkpoint
 from cnf_prune.config import to_dict

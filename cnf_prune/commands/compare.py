@@ -52,7 +52,8 @@ import torch
 import yaml
 
 from cnf.config import build_section
-from cnf.errors import ConfigError, report_user_errors
+from cnf_prune.commands import report_user_errors
+from cnf.errors import ConfigError
 from cnf_prune.commands.train import train
 from cnf_prune.config import Config, from_dict, load_config, to_dict
 from cnf_prune.rundir import locked_run_directory
@@ -281,6 +282,8 @@ def read_run(run: RunSpec, out: Path) -> RunResult:
     result.val_nll, result.test_nll = last("val/nll"), last("test/nll")
     result.test_jac_norm, result.test_nfe = last("test/jacobian_norm"), last("test/nfe")
     result.train_jac_norm, result.sparsity = last("jacobian/cumulative_norm"), last("sparsity/weights")
+    if math.isnan(result.sparsity) and "sparsity/weights" not in scalars:
+        result.sparsity = 0.0  # dense runs (neither pruned nor gated) log no sparsity
     result.curves = {tag: scalars[tag] for tag in CURVES if tag in scalars and len(scalars[tag][0])}
     return result
 

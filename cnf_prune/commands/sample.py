@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cnf.errors import ConfigError, report_user_errors
+from cnf_prune.commands import report_user_errors
+from cnf.errors import ConfigError
 from cnf.data import make_data
 from cnf.flow import Flow
 from cnf.images import logit_inverse
