@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .   # cnf-train, cnf-sample, ... in .venv/bin
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,7 +22,7 @@ data:
 
 # The main job on the embedded default: FFJORD's toy configuration on checkerboard, shortened.
 demo: setup
-	OMP_NUM_THREADS=1 $(PY) train.py configs/toy.yaml --out runs/demo --set train.iterations=1000 \
+	$(PY) train.py configs/toy.yaml --out runs/demo --set train.iterations=1000 \
 		$(if $(wildcard runs/demo/checkpoint.pt),--resume)
 	$(PY) sample.py runs/demo/best.pt --out runs/demo/samples.png --n 5000
 
