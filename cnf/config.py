@@ -28,6 +28,9 @@ from cnf.layers import LAYERS
 from cnf.solver import Solver
 
 
+FIELDS = ("default", "unet")
+
+
 def check(cond: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
     if not cond:
@@ -102,10 +105,22 @@ class ModelConfig:
     # examples through the untrained flow, then keeps it fixed (see cnf/base.py).
     base_components: int = 0
     base_fit_size: int = 10000
+    # The field (field_type): "default" (an MLP for flat data, FFJORD's concat-conv field in the
+    # multiscale flow for images) or "unet" (images: one block over the whole image with
+    # a time-conditioned U-Net of unet_channels per level, see cnf/unet.py).
+    field_type: str = "default"
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    unet_groups: int = 8
+    unet_time_dim: int = 64
 
     def __post_init__(self) -> None:
         check_name(self.layer_type, sorted(set(LAYERS) | set(CONV_LAYERS)), "layer_type")
         check_name(self.nonlinearity, sorted(ACTIVATIONS), "nonlinearity")
+        check_name(self.field_type, FIELDS, "model.field_type")
+        check(len(self.unet_channels) > 0 and all(c > 0 and c % self.unet_groups == 0 for c in self.unet_channels),
+              f"model.unet_channels must be positive multiples of model.unet_groups={self.unet_groups} "
+              f"(got {self.unet_channels})")
+        check(self.unet_groups > 0 and self.unet_time_dim > 0, "model.unet_groups and unet_time_dim must be positive")
         check(self.base_components >= 0,
                f"model.base_components must be 0 (standard normal) or a number of mixture components "
                f"(got {self.base_components})")

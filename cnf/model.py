@@ -21,6 +21,7 @@ from cnf.flow import Flow
 from cnf.multiscale import MultiscaleFlow, default_scales, scale_shapes
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
+from cnf.unet import UNetField
 
 GateFactory = Callable[[VectorField], nn.Module]
 
@@ -33,6 +34,11 @@ def make_field(
     if len(event_shape) == 1:
         return MLPField(
             event_shape[0], widths, layer_type=m.layer_type, nonlinearity=m.nonlinearity
+        )
+    if len(event_shape) == 3 and m.field_type == "unet":
+        return UNetField(
+            event_shape, m.unet_channels, groups=m.unet_groups, nonlinearity=m.nonlinearity,
+            time_dim=m.unet_time_dim,
         )
     if len(event_shape) == 3:
         return ConvField(
@@ -52,8 +58,8 @@ def build_flow(
     make_gates: GateFactory | None = None,
 ) -> Flow:
     """The flow described by the ``model`` section ``m`` for data of ``event_shape``:
-    a stack of ``num_blocks`` blocks for flat data, FFJORD's multiscale flow for
-    images, integrated with the ``solver`` section's training and test solvers.
+    a stack of ``num_blocks`` blocks for flat data and U-Net image fields, FFJORD's
+    multiscale flow for images otherwise, integrated with the ``solver`` section's training and test solvers.
 
     ``kinetic``/``jacobian_frobenius`` make every block integrate the RNODE
     penalties; ``make_gates``, if given, builds the weight gates of each field.
@@ -84,7 +90,7 @@ def build_flow(
 
     # An unfitted mixture is N(0, I); the trainer fits it (cnf.base.fit_base), checkpoints keep it.
     base = GaussianMixture(math.prod(event_shape), m.base_components) if m.base_components else None
-    if len(event_shape) == 3:
+    if len(event_shape) == 3 and m.field_type != "unet":
         shapes = scale_shapes(event_shape, m.scales or default_scales(event_shape))
         scales = [(make_blocks(before), make_blocks(after) if after else []) for before, after in shapes]
         flow: Flow = MultiscaleFlow(scales, event_shape, base)

@@ -19,12 +19,17 @@ import yaml
 
 from cnf.config import DataConfig, ModelConfig, SolverConfig, build_section, check
 from cnf.errors import ConfigError
+from cnf.images import IMAGE_DATASETS
 from pruning.config import PruningConfig, RegularizationConfig
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "PruningConfig", "RegularizationConfig", "SolverConfig",
     "TrainConfig", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
 ]
+
+
+OBJECTIVES = ("likelihood", "flow_matching")
+COUPLINGS = ("independent", "ot")
 
 
 @dataclass
@@ -57,8 +62,25 @@ class TrainConfig:
     # torch CPU threads (null: 1 for the 2-D toy sets, whose small field runs fastest on
     # one thread, torch's default otherwise); see docs/performance.md
     threads: int | None = None
+    # What a batch's loss is: "likelihood" (FFJORD: the NLL through an ODE solve, plus
+    # penalties) or "flow_matching" (regression on a straight conditional path, no solve;
+    # fm_sigma_min: the path's σ_min; fm_coupling: "independent" or "ot", minibatch
+    # optimal transport between data and base draws); see docs/flow_matching.md.
+    objective: str = "likelihood"
+    fm_sigma_min: float = 0.0
+    fm_coupling: str = "independent"
+    # Validation examples evaluated at each validation (null: all of the validation set);
+    # flow-matching runs validate with a full ODE solve, their expensive part.
+    val_examples: int | None = None
 
     def __post_init__(self) -> None:
+        check(self.objective in OBJECTIVES,
+              f"unknown train.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        check(self.fm_coupling in COUPLINGS,
+              f"unknown train.fm_coupling {self.fm_coupling!r}; valid: {', '.join(COUPLINGS)}")
+        check(0 <= self.fm_sigma_min < 1, f"train.fm_sigma_min must be in [0, 1) (got {self.fm_sigma_min})")
+        check(self.val_examples is None or self.val_examples > 0,
+              f"train.val_examples must be positive or null (got {self.val_examples})")
         check(self.threads is None or self.threads > 0, f"train.threads must be positive or null (got {self.threads})")
         for key in ("iterations", "batch_size", "val_every", "val_batch_size", "checkpoint_every",
                     "log_every", "max_bad_steps"):
@@ -86,6 +108,29 @@ class Config:
 
     def __post_init__(self) -> None:
         check(0 <= self.seed < 2**63, f"seed must be a non-negative integer below 2**63 (got {self.seed})")
+        if self.train.objective == "flow_matching":
+            check_flow_matching(self)
+        check(self.model.field_type != "unet" or self.data.name in IMAGE_DATASETS,
+              f"model.field_type 'unet' is an image field; data.name {self.data.name!r} is not an image set")
+
+
+def check_flow_matching(config: Config) -> None:
+    """What ``train.objective: flow_matching`` cannot train, with what to change."""
+    m, r = config.model, config.regularization
+    check(not m.train_end_time,
+          "train.objective flow_matching holds the end time T fixed (the loss scales with 1/T², so a trained "
+          "T would only grow): set model.train_end_time=false")
+    check(r.kinetic == 0 and r.jacobian_frobenius == 0,
+          "train.objective flow_matching solves no ODE during training, so the RNODE penalties "
+          "(regularization.kinetic, jacobian_frobenius) have nothing to act on: set them to 0")
+    check(m.num_blocks == 1,
+          f"train.objective flow_matching trains one block's field on the path from data to base: set "
+          f"model.num_blocks=1 (got {m.num_blocks})")
+    image = config.data.name in IMAGE_DATASETS
+    check(not image or m.field_type == "unet" or m.scales == 1,
+          "train.objective flow_matching cannot train the multiscale flow: its blocks map between scales "
+          "that factor out dimensions, so no single conditional path from data to base runs through "
+          "one block; use model.field_type=unet (one block over the whole image) or model.scales=1")
 
 
 def from_dict(values: dict) -> Config:

@@ -15,8 +15,10 @@ from cnf.flow import Flow
 from cnf_prune import distributed
 from cnf_prune.build import build_model
 from cnf_prune.config import Config, TrainConfig, to_dict
+from cnf_prune.objectives import make_objective
 from pruning.apply import prune_at_init
 from pruning.gates import flow_gates
+from pruning.scores import Loss
 
 # Sections that define the model: a resumed run must not change them.
 ARCHITECTURE = ("data", "model", "pruning", "seed")
@@ -45,11 +47,23 @@ def prepare_model(config: Config, ctx: distributed.Context, *, fresh: bool) -> t
         fit_base_at_init(model, data, config, ctx)
     if fresh and config.pruning.method != "none":
         phase(f"pruning at initialization ({config.pruning.method}) ...", ctx)
-        report = prune_at_init(model, data, config.pruning, batch_size=config.train.batch_size, seed=config.seed)
+        report = prune_at_init(model, data, config.pruning, batch_size=config.train.batch_size, seed=config.seed,
+                               loss=scoring_loss(config))
         print(report, file=sys.stderr)
         if config.model.base_components:  # the pruned flow maps the data elsewhere: refit
             fit_base_at_init(model, data, config, ctx)
     return data, model
+
+
+def scoring_loss(config: Config) -> Loss | None:
+    """The training loss whose gradient ``dL`` pruning scores use: ``None`` (the NLL)
+    for likelihood training; for flow matching its regression loss on each scoring
+    batch, with base draws and times from a generator seeded by ``config.seed``."""
+    if config.train.objective != "flow_matching":
+        return None
+    objective = make_objective(config.train, config.regularization)
+    generator = torch.Generator().manual_seed(config.seed)
+    return lambda model, x, trace: objective.regression_loss(model, x, generator)
 
 
 def fit_base_at_init(model: Flow, data: DataSource, config: Config, ctx: distributed.Context) -> None:

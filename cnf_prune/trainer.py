@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from cnf.errors import CheckpointError, NonFiniteError, SolverError, TrainingError
+from cnf.errors import CheckpointError, ConfigError, NonFiniteError, SolverError, TrainingError
 from cnf.images import sample_grid
 from cnf.solver import solver_failure
 from cnf_prune import distributed
@@ -29,7 +29,7 @@ from cnf_prune.config import Config, save_config, to_dict
 from cnf_prune.ema import ParameterAverage
 from cnf_prune.evaluate import evaluate
 from cnf_prune.events import EventLog
-from cnf_prune.objectives import BatchLoss, Likelihood
+from cnf_prune.objectives import BatchLoss, make_objective
 from cnf_prune.rundir import writing
 from cnf_prune.setup import (
     check_resumable, make_optimizer, phase, prepare_model, regroup_optimizer_state, report_resume, say,
@@ -106,7 +106,10 @@ class Trainer:
         self.step_model = distributed.wrap(self.model, ctx)  # DistributedDataParallel under torchrun
         self.optimizer = make_optimizer(self.model, self.tc)
         self.ema = ParameterAverage(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
-        self.objective = Likelihood(config.regularization)
+        if ctx.distributed and config.train.objective != "likelihood":
+            raise ConfigError(f"train.objective {config.train.objective} runs in one process (its loss does not "
+                              "pass through the DDP-wrapped solve that averages gradients); run it without torchrun")
+        self.objective = make_objective(config.train, config.regularization)
         self.state = LoopState()
         if saved is not None:
             self.resume(saved)
@@ -237,6 +240,8 @@ class Trainer:
             for tag, value in scalars.items():
                 self.events.scalar(tag, value, self.state.step)
         postfix = {"nll": f"{scalars['train/nll']:.3f}"} if "train/nll" in scalars else {}
+        if "train/fm_loss" in scalars:
+            postfix["fm_loss"] = f"{scalars['train/fm_loss']:.3f}"
         if "nfe/forward" in scalars:
             postfix["nfe"] = f"{scalars['nfe/forward']:.0f}/{scalars['nfe/backward']:.0f}"
         return postfix
@@ -247,13 +252,19 @@ class Trainer:
         s, tc, step = self.state, self.tc, self.state.step
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 evaluation_weights(self.model, self.ema):
-            val = evaluate(self.model, self.data.val, batch_size=tc.val_batch_size, preprocess=self.data.preprocess)
+            examples = self.data.val[: tc.val_examples] if tc.val_examples else self.data.val
+            val = evaluate(self.model, examples, batch_size=tc.val_batch_size, preprocess=self.data.preprocess)
             if tc.figures and self.data.event_shape == (2,):
                 self.events.figure("flow/density", two_d_figure(self.model, self.data), step)
             if tc.figures and len(self.data.event_shape) == 3:
                 grid = sample_grid(self.model, self.fixed_noise, self.config.data.logit_alpha)
                 self.events.image("flow/samples", grid, step)
         self.events.scalar("val/nll", val.nll, step)
+        self.events.scalar("val/jacobian_norm", val.jac_norm, step)
+        self.events.scalar("val/nfe", val.nfe, step)
+        if self.tc.objective != "likelihood":  # no training solve: R and NFE curves come from validation
+            self.events.scalar("jacobian/cumulative_norm", val.jac_norm, step)
+            self.events.scalar("nfe/forward", val.nfe, step)
         if self.recent_nll:
             gap = val.nll - sum(self.recent_nll) / len(self.recent_nll)
             self.events.scalar("val/gap_to_train", gap, step)

@@ -24,7 +24,7 @@ from cnf.data import DataSource
 from cnf.flow import Flow
 from pruning.config import PruningConfig
 from pruning.masks import apply_masks, prunable_weights, select_top, sparsity_table
-from pruning.scores import get_scorer
+from pruning.scores import Loss, get_scorer
 from pruning.structured import select_units
 
 # Spawn key that separates the scoring stream from the data source's own streams.
@@ -48,11 +48,14 @@ def scoring_batches(data: DataSource, count: int, batch_size: int, seed: int) ->
 
 
 def prune_at_init(
-    model: Flow, data: DataSource, settings: PruningConfig, *, batch_size: int, seed: int
+    model: Flow, data: DataSource, settings: PruningConfig, *, batch_size: int, seed: int,
+    loss: Loss | None = None,
 ) -> str:
     """Score, select and mask the prunable weights of ``model`` as the ``pruning``
     section ``settings`` says, on ``settings.batches`` batches of ``batch_size``
     drawn from ``data`` with ``seed`` (which also seeds the random scores).
+    ``loss(model, x, trace)``: the training loss ``L`` whose gradient ``dL`` data-driven
+    scores use (default: the NLL; a flow-matching run passes its regression loss).
 
     Returns the per-weight sparsity table (for the console). Sparsity 0 leaves the
     model unchanged. Raises :class:`~cnf.errors.ConfigError` for an unknown
@@ -69,7 +72,7 @@ def prune_at_init(
     batches = [x.to(device=device, dtype=reference.dtype)
                for x in scoring_batches(data, p.batches, batch_size, seed)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(model):
-        scores = scorer(model, batches, p, seed)
+        scores = scorer(model, batches, p, seed, loss=loss)
     if p.granularity == "unit":
         apply_masks(model, select_units(model, scores, p.sparsity, p.scope))
         header = f"{header}, whole units"

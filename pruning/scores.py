@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pruning.config import PruningConfig
 
 Scores = dict[str, Tensor]
-Scorer = Callable[[Flow, Sequence[Tensor], "PruningConfig", int], Scores]
+Scorer = Callable[..., Scores]  # (model, batches, settings, seed, *, loss=None) -> scores
 
 
 def _nll(model: Flow, trace: FlowTrace) -> Tensor:
@@ -63,15 +63,27 @@ def _jac_norm(model: Flow, trace: FlowTrace) -> Tensor:  # noqa: ARG001
 
 OBJECTIVES: dict[str, Callable[[Flow, FlowTrace], Tensor]] = {"nll": _nll, "jac_norm": _jac_norm}
 
+# A training loss L of one scoring batch: ``loss(model, x, trace)`` with ``trace`` the
+# batch's training-mode solve. None means the NLL (maximum likelihood); a flow-matching
+# run passes its regression loss, so that ``dL`` is the gradient of what it trains.
+Loss = Callable[[Flow, Tensor, FlowTrace], Tensor]
+
+
+def _loss_value(obj: str, model: Flow, x: Tensor, trace: FlowTrace, loss: Loss | None) -> Tensor:
+    if obj == "nll" and loss is not None:
+        return loss(model, x, trace)
+    return OBJECTIVES[obj](model, trace)
+
 
 def objective_gradients(
     model: Flow,
     batches: Sequence[Tensor],
     weights: Mapping[str, nn.Parameter],
     objectives: Sequence[str] = ("nll", "jac_norm"),
+    loss: Loss | None = None,
 ) -> dict[str, Scores]:
-    """Batch-averaged gradients of each objective (``nll``: L, ``jac_norm``: R)
-    with respect to ``weights``, from one training-mode solve per batch.
+    """Batch-averaged gradients of each objective (``nll``: L, the NLL or ``loss``;
+    ``jac_norm``: R) with respect to ``weights``, from one training-mode solve per batch.
 
     Returns ``{objective: {weight name: gradient}}``. The model's mode is restored.
     """
@@ -84,7 +96,8 @@ def objective_gradients(
             trace = model.trace(x)
             for i, obj in enumerate(objectives):
                 grads = torch.autograd.grad(
-                    OBJECTIVES[obj](model, trace), params, retain_graph=i + 1 < len(objectives), allow_unused=True
+                    _loss_value(obj, model, x, trace, loss), params, retain_graph=i + 1 < len(objectives),
+                    allow_unused=True,
                 )
                 for acc, g in zip(total[obj], grads):
                     if g is not None:
@@ -98,7 +111,9 @@ def _scored(model: Flow, settings: PruningConfig) -> dict[str, nn.Parameter]:
     return prunable_weights(model, settings.layers)
 
 
-def random_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def random_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """Uniform scores from a CPU generator seeded with ``seed`` (device independent)."""
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -107,25 +122,31 @@ def random_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfi
     }
 
 
-def magnitude_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def magnitude_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``|θ|``."""
     return {n: p.detach().abs() for n, p in _scored(model, settings).items()}
 
 
-def snip_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def snip_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``|θ ⊙ dL|``: the first-order change of the NLL when a weight is removed.
 
     References: SNIP: Single-shot Network Pruning, Lee et al. 2019.
     """
     weights = _scored(model, settings)
-    d_loss = objective_gradients(model, batches, weights, ("nll",))["nll"]
+    d_loss = objective_gradients(model, batches, weights, ("nll",), loss)["nll"]
     return {n: (p.detach() * d_loss[n]).abs() for n, p in weights.items()}
 
 
-def _spectrum(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> tuple[Scores, Scores]:
+def _spectrum(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, loss: Loss | None = None
+) -> tuple[Scores, Scores]:
     """``(s_JS = dR ⊙ dL, s_SNIP = |θ ⊙ dL|)``; raises if ``dR ≡ 0``."""
     weights = _scored(model, settings)
-    grads = objective_gradients(model, batches, weights)
+    grads = objective_gradients(model, batches, weights, loss=loss)
     d_loss, d_jac = grads["nll"], grads["jac_norm"]
     if all(torch.count_nonzero(g) == 0 for g in d_jac.values()):
         raise ConfigError(
@@ -139,7 +160,9 @@ def _spectrum(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, s
     return js, snip
 
 
-def jacobian_spectrum_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def jacobian_spectrum_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``s = dR ⊙ dL``, signed; the largest are kept.
 
     A gradient step ``dθ = −η dL`` changes R by ``−η Σ_i dR_i dL_i``: weights with a
@@ -148,22 +171,26 @@ def jacobian_spectrum_scores(model: Flow, batches: Sequence[Tensor], settings: P
     Raises:
         ConfigError: if ``dR`` is identically zero (e.g. a zero-initialized last layer).
     """
-    return _spectrum(model, batches, settings, seed)[0]
+    return _spectrum(model, batches, settings, seed, loss)[0]
 
 
-def jacobian_spectrum_abs_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def jacobian_spectrum_abs_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``|dR ⊙ dL|``: weights whose training steps change R the most, either way."""
-    return {n: s.abs() for n, s in _spectrum(model, batches, settings, seed)[0].items()}
+    return {n: s.abs() for n, s in _spectrum(model, batches, settings, seed, loss)[0].items()}
 
 
-def jacobian_spectrum_snip_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def jacobian_spectrum_snip_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``(1 − m) s_JS / Σ|s_JS| + m s_SNIP / Σ|s_SNIP|`` with ``m = settings.snip_mix``.
 
     ``s_JS = dR ⊙ dL`` and ``s_SNIP = |θ ⊙ dL|``; each sum runs over every scored
     weight, so both parts have unit ℓ1 norm and ``m`` sets their balance
     (``m = 0``: Jacobian spectrum, ``m = 1``: SNIP, up to a common scale).
     """
-    js, snip = (_unit_l1(s) for s in _spectrum(model, batches, settings, seed))
+    js, snip = (_unit_l1(s) for s in _spectrum(model, batches, settings, seed, loss))
     m = settings.snip_mix
     return {n: (1 - m) * js[n] + m * snip[n] for n in js}
 
@@ -182,7 +209,9 @@ def _direct_backprop(model: Flow) -> Flow:
     return twin
 
 
-def grasp_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def grasp_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """``θ ⊙ (H dL)``: GraSP with the NLL's Hessian-gradient product.
 
     GraSP removes the weights with the largest ``S = −θ ⊙ H g``, whose removal
@@ -197,11 +226,11 @@ def grasp_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig
     twin = _direct_backprop(model)
     weights = _scored(twin, settings)
     names, params = list(weights), list(weights.values())
-    g = objective_gradients(twin, batches, weights, ("nll",))["nll"]
+    g = objective_gradients(twin, batches, weights, ("nll",), loss)["nll"]
     hg = [torch.zeros_like(p) for p in params]
     twin.train()
     for x in batches:
-        grads = torch.autograd.grad(_nll(twin, twin.trace(x)), params, create_graph=True)
+        grads = torch.autograd.grad(_loss_value("nll", twin, x, twin.trace(x), loss), params, create_graph=True)
         inner = sum((g[n] * gr).sum() for n, gr in zip(names, grads))
         for acc, h in zip(hg, torch.autograd.grad(inner, params, allow_unused=True)):
             if h is not None:
@@ -240,7 +269,9 @@ def synflow_flow(twin: Flow) -> Tensor:
     )
 
 
-def synflow_scores(model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int) -> Scores:
+def synflow_scores(
+    model: Flow, batches: Sequence[Tensor], settings: PruningConfig, seed: int, *, loss: Loss | None = None
+) -> Scores:
     """Iterative SynFlow: ``|θ ⊙ ∂R_sf/∂θ|`` on the linearized field, no data.
 
     The field is copied with ``|θ|`` for every parameter and the identity for
