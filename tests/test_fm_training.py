@@ -1,0 +1,83 @@
+"""Flow-matching training through the trainer: what it logs, what it refuses, and that
+pruning scores it with its own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sample
+import train
+from cnf.data import make_data
+from cnf.errors import ConfigError
+from cnf_prune.build import build_model
+from cnf_prune.config import load_config
+from cnf_prune.objectives import FlowMatching
+from cnf_prune.setup import scoring_loss
+from helpers import scalar_events
+from pruning.apply import scoring_batches
+from pruning.masks import prunable_weights
+from pruning.scores import objective_gradients
+
+FM_QUICK = ["train.iterations=6", "train.val_every=3", "train.log_every=1", "model.hidden_dims=[16,16]",
+            "data.val_size=100", "data.test_size=100", "solver.rtol=1e-3", "solver.atol=1e-3",
+            "train.batch_size=32"]
+
+
+def test_a_flow_matching_run_logs_its_loss_and_validation_r_and_nfe(tmp_path, capsys):
+    run = tmp_path / "fm"
+    assert train.main(["configs/toy_fm.yaml", "--out", str(run), "--set", *FM_QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "done: 6 steps" in out and "NFE" in out
+    assert len(scalar_events(run, "train/fm_loss")) == 6
+    for tag in ("val/nll", "val/jacobian_norm", "val/nfe", "jacobian/cumulative_norm", "nfe/forward"):
+        events = scalar_events(run, tag)
+        assert [e.step for e in events] == [3, 6], tag  # validation steps only: no training solve
+        assert all(e.value > 0 for e in events), tag
+    assert scalar_events(run, "test/nll")
+    assert sample.main([str(run / "best.pt"), "--out", str(tmp_path / "s.npy"), "--n", "50"]) == 0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.train_end_time=true"], "holds the end time T fixed"),
+    (["regularization.kinetic=0.01"], "RNODE penalties"),
+    (["model.num_blocks=2"], "set model.num_blocks=1"),
+    (["data.name=synthetic8", "model.scales=2"], "cannot train the multiscale flow"),
+    (["model.field_type=unet"], "model.field_type 'unet' is an image field"),
+    (["train.fm_coupling=sinkhorn"], "unknown train.fm_coupling 'sinkhorn'; valid: independent, ot"),
+    (["train.objective=score_matching"], "unknown train.objective 'score_matching'; valid: likelihood, flow_matching"),
+])
+def test_what_flow_matching_cannot_train_is_a_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/toy_fm.yaml", overrides)
+
+
+def test_the_unet_image_flow_trains_by_flow_matching(tmp_path, capsys):
+    run = tmp_path / "unet"
+    assert train.main(["configs/toy_fm.yaml", "--out", str(run), "--set", *FM_QUICK, "data.name=synthetic8",
+                       "model.field_type=unet", "model.unet_channels=[8,8]", "model.nonlinearity=swish",
+                       "model.divergence=hutchinson", "data.val_size=20", "data.test_size=20",
+                       "train.batch_size=8"]) == 0
+    assert "bits_per_dim" in capsys.readouterr().out
+    assert scalar_events(run, "val/bits_per_dim")
+
+
+def test_flow_matching_pruning_scores_use_the_regression_loss():
+    """dL of a flow-matching run is the gradient of its regression loss on the scoring
+    batches (the same base draws and times for the same seed), not of the NLL."""
+    config = load_config("configs/toy_fm.yaml", [*FM_QUICK, "pruning.method=snip", "pruning.sparsity=0.5"])
+    torch.manual_seed(0)
+    data = make_data(config.data, config.seed)
+    model = build_model(config, data.event_shape)
+    batches = scoring_batches(data, 1, config.train.batch_size, config.seed)
+    weights = prunable_weights(model)
+    d_fm = objective_gradients(model, batches, weights, ("nll",), scoring_loss(config))["nll"]
+    generator = torch.Generator().manual_seed(config.seed)
+    expected = torch.autograd.grad(
+        FlowMatching(config.regularization, coupling="ot").regression_loss(model, batches[0], generator),
+        list(weights.values()))
+    for name, grad in zip(weights, expected):
+        torch.testing.assert_close(d_fm[name], grad)
+    d_nll = objective_gradients(model, batches, weights, ("nll",))["nll"]
+    assert not torch.allclose(d_nll[name], d_fm[name])
+    assert scoring_loss(load_config("configs/toy.yaml")) is None  # likelihood: the NLL
