@@ -149,9 +149,16 @@ class CNFBlock(nn.Module):
         weights = self.solve_weights()
         tangents = divergence.tangents(x) if density else None
         counter = NFECounter()
+        t0, t1 = torch.zeros_like(self.end_time), self.end_time
+        times = torch.stack([t1, t0] if reverse else [t0, t1]).to(x)
+        # The adjoint solve's dL/dt integral only yields dL/d(times[0]); when that is a
+        # constant, the backward evaluations skip the time derivative of the field.
+        start_time_grad = reverse and times.requires_grad
 
         def dynamics(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             counter.tick(t)
+            if counter.solved and not start_time_grad:
+                t = t.detach()
             f, jv = field(t, state[0], tangents, weights)
             if not density:
                 return (f,)
@@ -166,15 +173,13 @@ class CNFBlock(nn.Module):
             state: tuple[Tensor, ...] = (x,)
         else:
             state = (x, zeros, zeros) + ((zeros, zeros) if penalties else ())
-        t0, t1 = torch.zeros_like(self.end_time), self.end_time
-        times = torch.stack([t1, t0] if reverse else [t0, t1]).to(x)
         params = [*weights.values()] + [
             p for name, p in field.named_parameters() if name not in weights
         ]
         try:
             final = integrate(
                 solver, dynamics, state, times, params, n_controlled=min(2, len(state)),
-                n_coupled=1, start_time_grad=reverse and times.requires_grad,
+                n_coupled=1, start_time_grad=start_time_grad,
             )
         except SolverError as exc:
             if not all(torch.isfinite(p).all() for p in (x, *params)):
