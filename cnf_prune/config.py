@@ -110,6 +110,10 @@ class Config:
         check(0 <= self.seed < 2**63, f"seed must be a non-negative integer below 2**63 (got {self.seed})")
         if self.train.objective == "flow_matching":
             check_flow_matching(self)
+        check(self.model.field_type != "unet" or (self.regularization.pathreg == 0 and self.regularization.path_weights == 0),
+              "PathReg and the path norm need fields whose weights chain from input to output; the U-Net's skip "
+              "connections and group norms do not: set regularization.pathreg and path_weights to 0 or use "
+              "model.field_type=default")
         check(self.model.field_type != "unet" or self.data.name in IMAGE_DATASETS,
               f"model.field_type 'unet' is an image field; data.name {self.data.name!r} is not an image set")
 

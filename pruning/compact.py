@@ -64,6 +64,10 @@ def compacted_state(model: Flow) -> tuple[list[list[int]], dict[str, Tensor]]:
     """
     if any(block.gates is not None for block in model.blocks):
         raise ConfigError("cannot compact a gated model; harden its gates first: cnf-export")
+    if any(not hasattr(block.field, "layers") for block in model.blocks):
+        raise ConfigError("compaction handles layered fields (MLP, concat conv); this model's field "
+                          f"({type(model.blocks[0].field).__name__}) keeps its masked units, which cost "
+                          "nothing in the output but are still computed")
     keep = live_units(model)
     widths = [[int(k.sum()) for k in block] for block in keep]
     state = {}

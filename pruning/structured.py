@@ -47,6 +47,11 @@ def hidden_layers(model: Flow) -> dict[str, tuple[str, str]]:
     blocks.0.field.layers.2.weight)``."""
     out = {}
     for k, block in enumerate(model.blocks):
+        units = getattr(block.field, "hidden_units", None)
+        if units is not None:  # a field that names its own hidden units (the U-Net)
+            for name, (incoming, outgoing) in units().items():
+                out[f"blocks.{k}.field.{name}"] = (f"blocks.{k}.field.{incoming}", f"blocks.{k}.field.{outgoing}")
+            continue
         prefix = f"blocks.{k}.field.layers"
         for i in range(len(block.field.layers) - 1):
             out[f"{prefix}.{i}"] = (f"{prefix}.{i}.weight", f"{prefix}.{i + 1}.weight")

@@ -81,3 +81,28 @@ def test_flow_matching_pruning_scores_use_the_regression_loss():
     d_nll = objective_gradients(model, batches, weights, ("nll",))["nll"]
     assert not torch.allclose(d_nll[name], d_fm[name])
     assert scoring_loss(load_config("configs/toy.yaml")) is None  # likelihood: the NLL
+
+
+def test_unit_pruning_reaches_the_unet_hidden_channels_and_compaction_refuses_it_clearly():
+    from cnf_prune.build import compact_model
+    from helpers import prune
+
+    config = load_config("configs/toy_fm.yaml", [
+        "data.name=synthetic8", "model.field_type=unet", "model.unet_channels=[8,8]", "model.nonlinearity=swish",
+        "model.divergence=hutchinson", "pruning.method=magnitude", "pruning.sparsity=0.5",
+        "pruning.granularity=unit", "pruning.scope=layer", "data.val_size=20", "data.test_size=20",
+        "train.batch_size=8"])
+    torch.manual_seed(0)
+    data = make_data(config.data, config.seed)
+    model = build_model(config, data.event_shape)
+    prune(model, data, config)
+    field = model.blocks[0].field
+    for name, block in field.residual_blocks().items():
+        live = block.conv2.weight_mask.abs().sum(dim=(0, 2, 3)) > 0
+        assert int(live.sum()) == block.conv2.weight_mask.shape[1] // 2, name  # half of each block's units
+        rows = block.conv1.weight_mask.abs().sum(dim=(1, 2, 3)) > 0
+        assert torch.equal(rows, live), name  # a pruned unit loses its incoming row too
+    with pytest.raises(ConfigError, match="compaction handles layered fields"):
+        compact_model(model, config)
+    with pytest.raises(ConfigError, match="PathReg and the path norm need fields"):
+        load_config("configs/toy_fm.yaml", ["data.name=synthetic8", "model.field_type=unet", "regularization.pathreg=0.1"])

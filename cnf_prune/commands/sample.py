@@ -151,8 +151,8 @@ def write_figure(model: Flow, config: Config, samples: torch.Tensor, out: Path) 
     if len(model.event_shape) == 3:
         from torchvision.utils import save_image
 
-        # at least 4x enlarged for small images, so a grid of 14x14 or 28x28 digits is legible
-        scale = max(1, 112 // model.event_shape[-1])
+        # enlarged to at least 112 px per image, so a grid of 14x14 or 28x28 digits is legible
+        scale = -(-112 // model.event_shape[-1])
         big = torch.nn.functional.interpolate(samples, scale_factor=scale, mode="nearest")
         save_image(big, out, nrow=math.ceil(math.sqrt(len(samples))), padding=2 * scale, pad_value=1.0)
         return
