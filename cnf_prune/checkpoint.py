@@ -62,6 +62,15 @@ def check_derived_output(source: Path, out: Path, kept: str) -> None:
         raise ConfigError(f"output directory {str(out.parent)!r} does not exist")
 
 
+def derived_payload(source: dict[str, Any], config: dict, state: dict, **origin: Any) -> dict[str, Any]:
+    """A checkpoint derived from ``source`` (a loaded checkpoint): the new config
+    dict and model ``state``, the source's event shape, step and best validation,
+    and ``origin`` (for example ``compacted_from=PATH``). No optimizer state: it is
+    for sampling and evaluation, not for ``--resume``."""
+    return {"config": config, "event_shape": list(source["event_shape"]), "model": state,
+            "step": source.get("step"), "best_val": source.get("best_val"), **origin}
+
+
 def save_derived_checkpoint(payload: dict[str, Any], out: Path) -> None:
     """:func:`save_checkpoint` for a command's ``--out``: a write that fails (no
     space, no permission) is a one-line error, not a traceback."""

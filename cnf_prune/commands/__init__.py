@@ -3,10 +3,20 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any, Callable
 
 from cnf.errors import UserError
+
+
+def derived_checkpoint_parser(prog: str, doc: str, kind: str, what: str) -> argparse.ArgumentParser:
+    """The arguments of a command that writes a checkpoint derived from another:
+    ``CHECKPOINT --out NEW`` (``kind``: the runs it takes; ``what``: what it writes)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help=f"checkpoint.pt or best.pt of a run with {kind}")
+    p.add_argument("--out", required=True, help=f"where to write the {what} checkpoint")
+    return p
 
 
 def report_user_errors(body: Callable[..., int], *args: Any) -> int:

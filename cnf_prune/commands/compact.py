@@ -16,21 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnf_prune.commands import report_user_errors
+from cnf_prune.commands import derived_checkpoint_parser, report_user_errors
 from cnf_prune.build import compact_model, load_model
-from cnf_prune.checkpoint import check_derived_output, save_derived_checkpoint
+from cnf_prune.checkpoint import check_derived_output, derived_payload, save_derived_checkpoint
 from cnf_prune.config import to_dict
 from pruning.compact import field_cost
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="cnf-compact", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="checkpoint.pt or best.pt of a run with pruning.granularity=unit")
-    p.add_argument("--out", required=True, help="where to write the compacted checkpoint")
-    return p.parse_args(argv)
+    return derived_checkpoint_parser("cnf-compact", __doc__, "pruning.granularity=unit", "compacted").parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,14 +32,7 @@ def run(args: argparse.Namespace) -> int:
     check_derived_output(source, out, "masked model")
     model, config, ckpt = load_model(source)
     small, smaller = compact_model(model, config)
-    save_derived_checkpoint(
-        {
-            "config": to_dict(smaller), "event_shape": list(ckpt["event_shape"]),
-            "model": small.state_dict(), "step": ckpt.get("step"),
-            "best_val": ckpt.get("best_val"), "compacted_from": str(source),
-        },
-        out,
-    )
+    save_derived_checkpoint(derived_payload(ckpt, to_dict(smaller), small.state_dict(), compacted_from=str(source)), out)
     (p0, f0), (p1, f1) = field_cost(model), field_cost(small)
     print(f"compacted: hidden widths {smaller.model.block_hidden_dims}; field parameters {p0} -> {p1}, "
           f"FLOPs per evaluation and sample {f0} -> {f1} -> {out}")

@@ -16,23 +16,18 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cnf_prune.commands import report_user_errors
+from cnf_prune.commands import derived_checkpoint_parser, report_user_errors
 from cnf.errors import ConfigError
 from cnf_prune.build import load_model
-from cnf_prune.checkpoint import check_derived_output, save_derived_checkpoint
+from cnf_prune.checkpoint import check_derived_output, derived_payload, save_derived_checkpoint
 from cnf_prune.config import to_dict
 from pruning.export import harden_gates, weight_sparsity
 from pruning.pathreg import path_sparsity
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="cnf-export", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="checkpoint.pt or best.pt of a run with regularization.l0 or pathreg > 0")
-    p.add_argument("--out", required=True, help="where to write the hardened checkpoint")
-    return p.parse_args(argv)
+    parser = derived_checkpoint_parser("cnf-export", __doc__, "regularization.l0 or pathreg > 0", "hardened")
+    return parser.parse_args(argv)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -48,14 +43,7 @@ def export(args: argparse.Namespace) -> int:
     plain = dataclasses.replace(
         config, regularization=dataclasses.replace(config.regularization, l0=0.0, pathreg=0.0)
     )
-    save_derived_checkpoint(
-        {
-            "config": to_dict(plain), "event_shape": list(ckpt["event_shape"]),
-            "model": model.state_dict(), "step": ckpt.get("step"),
-            "best_val": ckpt.get("best_val"), "hardened_from": str(source),
-        },
-        out,
-    )
+    save_derived_checkpoint(derived_payload(ckpt, to_dict(plain), model.state_dict(), hardened_from=str(source)), out)
     kept, total = weight_sparsity(model)
     paths = path_sparsity(model)
     path_text = "" if paths is None else f", path sparsity {paths:.3f}"
