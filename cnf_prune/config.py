@@ -72,8 +72,13 @@ class TrainConfig:
     # Validation examples evaluated at each validation (null: all of the validation set);
     # flow-matching runs validate with a full ODE solve, their expensive part.
     val_examples: int | None = None
+    # Stop training after this many seconds of this process's training loop (null: no
+    # limit), validating, checkpointing and testing as at train.iterations: runs of
+    # different objectives can be compared at the same wall-clock budget.
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
+        check(self.time_limit is None or self.time_limit > 0, f"train.time_limit must be positive or null (got {self.time_limit})")
         check(self.objective in OBJECTIVES,
               f"unknown train.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         check(self.fm_coupling in COUPLINGS,

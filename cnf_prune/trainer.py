@@ -133,6 +133,7 @@ class Trainer:
         bar = tqdm(total=tc.iterations, initial=s.step, desc="train", dynamic_ncols=True, mininterval=1.0,
                    disable=not ctx.main)
         self.model.train()
+        started = time.perf_counter()
         with stop_on_signal() as stop, contextlib.closing(bar):
             while s.step < tc.iterations and not self.stopped_early():
                 # one optimization step; a non-finite loss or gradient skips it
@@ -145,8 +146,8 @@ class Trainer:
                 # logging (averaged over ranks)
                 if s.step % tc.log_every == 0 or s.step == 1:
                     bar.set_postfix(self.log_step(batch, time.perf_counter() - start))
-                # validation, best.pt
-                last = s.step == tc.iterations
+                # validation, best.pt (at the last step: train.iterations, or train.time_limit)
+                last = s.step == tc.iterations or self.out_of_time(started)
                 validating = s.step % tc.val_every == 0 or last
                 if validating and ctx.main:
                     self.validate()
@@ -156,8 +157,9 @@ class Trainer:
                 if s.step % tc.checkpoint_every == 0 or last or early_stop or stop_now:
                     self.checkpoint(self.out / "checkpoint.pt")
                 # stop early, or on a signal
-                if early_stop:
-                    say(f"early stopping at step {s.step}: no better validation NLL in {s.stale} validations", ctx)
+                if early_stop or last:
+                    if early_stop:
+                        say(f"early stopping at step {s.step}: no better validation NLL in {s.stale} validations", ctx)
                     break
                 if stop_now:
                     return self.stopped_by(stop.signal or signal.SIGTERM)
@@ -311,6 +313,13 @@ class Trainer:
         except (CheckpointError, KeyError):
             return f"{path} is unreadable; free space and start the run again"
         return f"{path.name} of step {step} is intact; free space and run the same command with --resume"
+
+    def out_of_time(self, started: float) -> bool:
+        """Whether ``train.time_limit`` seconds of training have passed (rank 0 decides)."""
+        if self.tc.time_limit is None:
+            return False
+        late = time.perf_counter() - started >= self.tc.time_limit
+        return bool(distributed.broadcast_object(late, self.ctx))
 
     def stopped_early(self) -> bool:
         return stopped_early(self.tc, self.state.stale)
