@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/vs_ffjord.py --ffjord PATH [--toy-iterations 200] [--mnist-iterations 3]
         [--batch-size 200] [--warmup 1] [--mnist-raw DIR] [--skip-toy] [--skip-mnist]
-        [--skip-sampling] [--keep DIR]
+        [--skip-sampling] [--also-set KEY=VALUE ...] [--keep DIR]
 
 PATH is a checkout of https://github.com/rtqichen/ffjord. Everything runs in
 subprocesses, one at a time (never start two benchmarks at once on a small machine):
@@ -269,9 +269,11 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {cpu}, {os.cpu_count()} cores; "
             f"{platform.platform()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torchdiffeq {torchdiffeq.__version__}; OMP_NUM_THREADS={threads} (each side: torch's default threads)")
+            f"torchdiffeq {torchdiffeq.__version__}; OMP_NUM_THREADS={threads} (each side: torch's default threads); "
+            f"load average {load}")
 
 
 def compare(title: str, ours: Run, theirs: Run, warmup: int) -> list[str]:
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-toy", action="store_true")
     p.add_argument("--skip-mnist", action="store_true")
     p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--also-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run this project's side with these settings (for example "
+                        "solver.adjoint_seminorm=true) and compare it with the same FFJORD run")
     p.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it (default: a temp dir)")
     args = p.parse_args(argv)
     py = sys.executable
@@ -318,6 +323,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def variant(args: argparse.Namespace, cmd: list[str], out: Path, theirs: Run, title: str, warmup: int,
+            work: Path, say) -> None:
+    """With ``--also-set``, this project's run again with those settings, against the same FFJORD run."""
+    if not args.also_set:
+        return
+    extra = [x for kv in args.also_set for x in ("--set", kv)]
+    out2 = out.with_name(out.name + "_variant")
+    cmd = [out2 if x == str(out) else x for x in cmd]
+    cmd = [str(x) for x in cmd] + extra
+    say(f"this project again with {' '.join(args.also_set)}:")
+    ours = run_child("train.py variant", cmd, work, lambda r, line: None)
+    ours_from_events(ours, out2)
+    say(*compare(f"{title}; this project with {' '.join(args.also_set)}", ours, theirs, warmup))
 
 
 def report(args: argparse.Namespace, py: str, work: Path) -> int:
@@ -354,6 +374,7 @@ def report(args: argparse.Namespace, py: str, work: Path) -> int:
         ours = run_child("train.py toy", ours_cmd, work, lambda r, line: None)
         ours_from_events(ours, ours_out)
         say(*compare(f"toy checkerboard, {n} iterations", ours, theirs, args.warmup))
+        variant(args, ours_cmd, ours_out, theirs, f"toy checkerboard, {n} iterations", args.warmup, work, say)
         if not args.skip_sampling:
             ckpt = ours_out / "checkpoint.pt"
             _, ours_s = sample_run("sample.py toy", [py, str(ROOT / "sample.py"), str(ckpt), "--out",
@@ -379,7 +400,7 @@ def report(args: argparse.Namespace, py: str, work: Path) -> int:
                     "--set", "data.val_size=100", "--set", "data.test_size=100", "--set", "train.val_batch_size=100"]
         say("", "MNIST settings:",
             f"  FFJORD: {' '.join(ff_cmd[1:])} (cwd holds ./data/MNIST/raw; stopped after {n + w} iterations)",
-            "    (multiscale, 6 CNF blocks, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
+            "    (multiscale: 10 CNF blocks over 3 scales, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
             "     Adam lr 1e-3 warmed up over 1000 iterations, no weight decay, loss in bits/dim, T=1 not trained)",
             f"  this project: {' '.join(ours_cmd[1:])}",
             "    (configs/mnist.yaml: the same flow and solver, Adam lr 1e-3 without warm-up or decay, loss in nats",
@@ -389,6 +410,7 @@ def report(args: argparse.Namespace, py: str, work: Path) -> int:
         ours = run_child("train.py mnist", ours_cmd, work, lambda r, line: None)
         ours_from_events(ours, ours_out)
         say(*compare(f"MNIST, batch {b}, {n} iterations after {w} warm-up", ours, theirs, w))
+        variant(args, ours_cmd, ours_out, theirs, f"MNIST, batch {b}, {n} iterations after {w} warm-up", w, work, say)
         if not args.skip_sampling:
             _, ours_s = sample_run("sample.py mnist", [py, str(ROOT / "sample.py"), str(ours_out / "checkpoint.pt"),
                                                        "--out", str(work / "mnist_samples.pt"), "--n", "64", "--batch-size", "64"],
@@ -399,6 +421,8 @@ def report(args: argparse.Namespace, py: str, work: Path) -> int:
             say(f"MNIST sampling, 64 images in one batch (sampling call only, imports excluded):",
                 f"  this project (sample.py on its checkpoint after {n + w} steps, z only): {ours_s}",
                 f"  FFJORD (model(z, reverse=True) at initialization, integrates log-density too): {ff_s}")
+    say("", f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+            "(other processes on the machine slow both sides alike only if they run throughout)")
     return status
 
 
