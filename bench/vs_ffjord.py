@@ -204,7 +204,9 @@ def ours_from_events(run: Run, out: Path) -> None:
     val = [(e.step, e.value) for e in events.Scalars("val/nll")] if "val/nll" in tags else []
     if val:
         step, nll = max(val)
-        run.val_nll = f"{nll:.3f} (validation set, step {step})"
+        bpd = {e.step: e.value for e in events.Scalars("val/bits_per_dim")} if "val/bits_per_dim" in tags else {}
+        run.val_nll = f"{nll:.3f}" + (f" ({bpd[step]:.3f} bits/dim)" if step in bpd else "") \
+            + f" (validation set, step {step})"
     end = values("flow/end_time")
     if end:
         run.val_nll += f"; end time {end[0]:.4f} -> {end[-1]:.4f}"
