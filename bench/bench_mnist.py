@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import training_setup, training_step  # noqa: E402  (train.py's model and step)
-from cnf.config import load_config  # noqa: E402
-from cnf.errors import ConfigError, report_user_errors  # noqa: E402
+from cnf_prune.config import load_config  # noqa: E402
+from cnf_prune.commands import report_user_errors  # noqa: E402
+from cnf.errors import ConfigError  # noqa: E402
 
 
 def bench(config_path: str, overrides: list[str], device: torch.device, iterations: int, warmup: int) -> None:

@@ -14,7 +14,7 @@ from cnf.errors import CheckpointError
 from cnf.flow import Flow
 from cnf_prune import distributed
 from cnf_prune.build import build_model
-from cnf_prune.config import Config, TrainConfig, to_dict
+from cnf_prune.config import Config, TrainConfig, from_dict, to_dict
 from cnf_prune.objectives import make_objective
 from pruning.apply import prune_at_init
 from pruning.gates import flow_gates
@@ -79,8 +79,14 @@ def fit_base_at_init(model: Flow, data: DataSource, config: Config, ctx: distrib
         f"{history[0]:.1f} -> {history[-1]:.1f} nats per example)", ctx)
 
 
+def normalized(saved: dict) -> dict:
+    """A checkpoint's config dict with the keys added since it was written, at their
+    defaults (which reproduce what the older code did), so configs compare like for like."""
+    return to_dict(from_dict(saved))
+
+
 def check_resumable(config: Config, saved: dict) -> None:
-    current = to_dict(config)
+    current, saved = to_dict(config), normalized(saved)
     for section in ARCHITECTURE:
         if current[section] != saved[section]:
             raise CheckpointError(
@@ -107,7 +113,7 @@ def changed_settings(current: dict, saved: dict, prefix: str = "") -> list[str]:
 def report_resume(config: Config, saved: dict, ctx: distributed.Context) -> None:
     """Say what a resumed run changes, and when it will only test."""
     tc = config.train
-    changes = changed_settings(to_dict(config), saved["config"])
+    changes = changed_settings(to_dict(config), normalized(saved["config"]))
     if changes:
         say(f"resuming at step {saved['step']} with changed settings: " + "; ".join(changes), ctx)
     if saved["step"] >= tc.iterations:

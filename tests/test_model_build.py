@@ -173,25 +173,6 @@ def test_solver_failure_names_the_failure_and_passes_other_errors_through():
     assert solver_failure(other, solver) is other
 
 
-def test_adjoint_seminorm_reaches_the_adjoint_solve(monkeypatch):
-    import cnf.solver
-
-    seen = {}
-
-    def fake_adjoint(dynamics, state, times, *, adjoint_params, adjoint_options, **kwargs):
-        seen.update(adjoint_options)
-        return tuple(s.unsqueeze(0) for s in state)
-
-    monkeypatch.setattr(cnf.solver, "odeint_adjoint", fake_adjoint)
-    state = (torch.zeros(1, 1),)
-    integrate(Solver(adjoint=True, adjoint_seminorm=True), lambda t, s: s, state, torch.tensor([0.0, 1.0]),
-              [], n_controlled=1)
-    assert seen == {"norm": "seminorm"}
-    seen.clear()
-    integrate(Solver(adjoint=True), lambda t, s: s, state, torch.tensor([0.0, 1.0]), [], n_controlled=1)
-    assert seen == {}
-
-
 def test_describe_reports_the_settings_that_apply():
     assert Solver(method="dopri5", rtol=1e-4, atol=3e-6).describe() == "dopri5 (rtol=0.0001, atol=3e-06)"
     assert Solver(method="rk4", step_size=0.05).describe() == "rk4 (step_size=0.05)"
