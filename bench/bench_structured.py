@@ -19,12 +19,10 @@ their samples. The table is printed and written as Markdown to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +34,9 @@ from cnf.data import make_data  # noqa: E402
 from cnf_prune.evaluate import evaluate  # noqa: E402
 from cnf.flow import Flow  # noqa: E402
 from cnf_prune.build import load_model  # noqa: E402
-from cnf_prune.build import compact_model as compact
+from cnf_prune.build import compact_model as compact  # noqa: E402
+from cnf_prune.commands.train import train as train_config  # noqa: E402
+from cnf_prune.config import load_config  # noqa: E402
 from pruning.compact import field_cost  # noqa: E402
 
 
@@ -51,20 +51,23 @@ def variants(methods: list[str], sparsities: list[float], scope: str) -> dict[st
     return out
 
 
-def train(name: str, overrides: list[str], args: argparse.Namespace, runs: Path) -> Path:
+def train_logged(config, run: Path, log: Path) -> int:
+    """Train in this (worker) process with its output in ``log``."""
+    import contextlib
+
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return train_config(config, run)
+
+
+def train(name: str, overrides: list[str], args: argparse.Namespace, runs: Path, pool: ProcessPoolExecutor) -> Path:
     run = runs / name.replace(" ", "_")
     if (run / "checkpoint.pt").is_file():  # trained by an earlier call with the same --runs
         return run / "checkpoint.pt"
-    sets = [*args.overrides, f"train.iterations={args.iterations}", *overrides]
-    cmd = [sys.executable, str(ROOT / "train.py"), args.config, "--out", str(run)]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    sets = [*args.overrides, f"train.iterations={args.iterations}", "train.threads=1", *overrides]
     log = runs / f"{run.name}.log"
-    with open(log, "w") as f:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"training {name!r} failed (exit {done.returncode}); see {log}")
+    code = pool.submit(train_logged, load_config(args.config, sets), run, log).result()
+    if code != 0:
+        raise SystemExit(f"training {name!r} failed (exit {code}); see {log}")
     return run / "checkpoint.pt"
 
 
@@ -133,15 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default=None,
                    help="directory for the training runs (default: a temporary one); runs already there are reused")
     p.add_argument("--out", default=None, help="Markdown file for the table")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     args = p.parse_args(argv)
 
     runs = Path(args.runs or tempfile.mkdtemp(prefix="bench_structured_"))
     runs.mkdir(parents=True, exist_ok=True)
     todo = variants(args.methods, args.sparsities, args.scope)
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        checkpoints = dict(zip(todo, pool.map(lambda kv: train(*kv, args, runs), todo.items())))
+    # --jobs worker processes train (one thread each); threads here only wait on them
+    with ProcessPoolExecutor(args.jobs) as workers, ThreadPoolExecutor(args.jobs) as pool:
+        checkpoints = dict(zip(todo, pool.map(lambda kv: train(*kv, args, runs, workers), todo.items())))
     print(f"trained {len(todo)} models for {args.iterations} iterations in {time.perf_counter() - start:.0f} s "
           f"({args.jobs} at a time) under {runs}")
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

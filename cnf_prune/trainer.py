@@ -96,6 +96,9 @@ class Trainer:
 
     def __init__(self, config: Config, out: Path, ctx: distributed.Context, saved: dict | None = None) -> None:
         self.config, self.out, self.ctx, self.tc = config, out, ctx, config.train
+        if ctx.distributed and config.train.objective != "likelihood":
+            raise ConfigError(f"train.objective {config.train.objective} runs in one process (its loss does not "
+                              "pass through the DDP-wrapped solve that averages gradients); run it without torchrun")
         if saved is not None:
             check_resumable(config, saved["config"])
             report_resume(config, saved, ctx)
@@ -106,9 +109,6 @@ class Trainer:
         self.step_model = distributed.wrap(self.model, ctx)  # DistributedDataParallel under torchrun
         self.optimizer = make_optimizer(self.model, self.tc)
         self.ema = ParameterAverage(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
-        if ctx.distributed and config.train.objective != "likelihood":
-            raise ConfigError(f"train.objective {config.train.objective} runs in one process (its loss does not "
-                              "pass through the DDP-wrapped solve that averages gradients); run it without torchrun")
         self.objective = make_objective(config.train, config.regularization)
         self.state = LoopState()
         if saved is not None:
@@ -118,7 +118,7 @@ class Trainer:
         self.recent_nll: list[float] = []  # logged training NLLs since the last validation
         self.sparse = config.pruning.method != "none" or config.regularization.gated
         if ctx.main:
-            with writing(out / "config.yaml", "nothing else was written"):
+            with writing(out / "config.yaml", self.intact):
                 save_config(config, out / "config.yaml")
         # The checkpoint at `step` was written after that step's events: purge only later ones.
         # A fresh run purges all, in case a killed run left events in `out`.
