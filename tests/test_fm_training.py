@@ -106,3 +106,21 @@ def test_unit_pruning_reaches_the_unet_hidden_channels_and_compaction_refuses_it
         compact_model(model, config)
     with pytest.raises(ConfigError, match="PathReg and the path norm need fields"):
         load_config("configs/toy_fm.yaml", ["data.name=synthetic8", "model.field_type=unet", "regularization.pathreg=0.1"])
+
+
+def test_the_comparison_command_accepts_a_flow_matching_config(tmp_path):
+    import yaml
+
+    from cnf_prune.commands import compare
+
+    spec = tmp_path / "cmp.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": {"config": "configs/toy_fm.yaml", "set": FM_QUICK}, "methods": ["dense", "jacobian_spectrum"],
+        "sparsities": [0.5],
+    }))
+    out = tmp_path / "out"
+    assert compare.main([str(spec), "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "jacobian_spectrum" in table and "dense" in table
+    for run in ("dense_s0_seed0", "jacobian_spectrum_s0.5_seed0"):
+        assert scalar_events(out / run, "nfe/forward"), run  # validation NFE curves for the figures
