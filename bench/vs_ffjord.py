@@ -52,6 +52,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -355,77 +356,88 @@ def report(args: argparse.Namespace, py: str, work: Path) -> int:
         "  the weights' Adam settings: lr 1e-3 with weight decay 1e-5 (toy), lr 1e-3 without decay (MNIST).")
     sampler = work / "ffjord_sample.py"
     sampler.write_text(FFJORD_SAMPLER)
-    status = 0
-
     if not args.skip_toy:
-        n = args.toy_iterations
-        ff_save = work / "ffjord_toy"
-        ff_cmd = [py, str(ffjord / "train_toy.py"), "--data", "checkerboard", "--niters", str(n), "--save", str(ff_save)]
-        ours_out = work / "ours_toy"
-        ours_cmd = [py, str(ROOT / "train.py"), str(ROOT / "configs/toy.yaml"), "--out", str(ours_out),
-                    "--set", f"train.iterations={n}", "--set", "train.log_every=1"]
-        say("", "toy settings:",
-            f"  FFJORD: {' '.join(ff_cmd[1:])}",
-            "    (defaults: 64-64-64 concatsquash tanh MLP, brute-force divergence, dopri5 rtol=atol=1e-5, adjoint,",
-            "     batch 100, Adam lr 1e-3 weight decay 1e-5, T=0.5 not trained (see above); validation every 100",
-            "     iterations on 1000 fresh samples; its timing excludes validation and figures)",
-            f"  this project: {' '.join(ours_cmd[1:])}",
-            "    (configs/toy.yaml: the same model, exact divergence, solver, batch and Adam; T=0.5 trained with",
-            "     lr 1e-3, weight decay 1e-5; validation every 100 iterations; per-step time/iter_seconds)")
-        theirs = run_child("FFJORD train_toy.py", ff_cmd, work, ffjord_toy_line)
-        ours = run_child("train.py toy", ours_cmd, work, lambda r, line: None)
-        ours_from_events(ours, ours_out)
-        say(*compare(f"toy checkerboard, {n} iterations", ours, theirs, args.warmup))
-        variant(args, ours_cmd, ours_out, theirs, f"toy checkerboard, {n} iterations", args.warmup, work, say)
-        if not args.skip_sampling:
-            ckpt = ours_out / "checkpoint.pt"
-            _, ours_s = sample_run("sample.py toy", [py, str(ROOT / "sample.py"), str(ckpt), "--out",
-                                                     str(work / "toy_samples.npy"), "--n", "10000",
-                                                     "--batch-size", "10000"], work, OURS_SAMPLED)
-            _, ff_s = sample_run("FFJORD toy sampling", [py, str(sampler), str(ffjord), "toy", str(work / "ffjord_toy_s"),
-                                                          "10000", str(ff_save / "checkpt.pth")], work, FF_SAMPLED)
-            say(f"toy sampling, 10000 samples after {n} iterations (one batch, sampling call only, imports excluded):",
-                f"  this project (sample.py, z only, test solver): {ours_s}",
-                f"  FFJORD (model(z, reverse=True) in eval mode, integrates log-density too): {ff_s}")
-
+        report_toy(args, py, work, ffjord, sampler, say)
     if not args.skip_mnist:
-        raw = args.mnist_raw or next((d for d in (ROOT / "data/MNIST/raw", ROOT.parent / "shared/data/MNIST/raw")
-                                      if (d / f"{MNIST_FILES[0]}.gz").is_file()), ROOT / "data/MNIST/raw")
-        data_root = prepare_mnist(raw, work)
-        b, n, w = args.batch_size, args.mnist_iterations, args.warmup
-        ff_cmd = [py, str(ffjord / "train_cnf.py"), *FFJORD_MNIST, "--batch_size", str(b), "--log_freq", "1",
-                  "--save", str(work / "ffjord_mnist")]
-        ours_out = work / "ours_mnist"
-        ours_cmd = [py, str(ROOT / "train.py"), str(ROOT / "configs/mnist.yaml"), "--out", str(ours_out),
-                    "--set", f"train.iterations={n + w}", "--set", f"train.batch_size={b}",
-                    "--set", "train.log_every=1", "--set", f"data.root={data_root}", "--set", "data.download=false",
-                    "--set", "data.val_size=100", "--set", "data.test_size=100", "--set", "train.val_batch_size=100"]
-        say("", "MNIST settings:",
-            f"  FFJORD: {' '.join(ff_cmd[1:])} (cwd holds ./data/MNIST/raw; stopped after {n + w} iterations)",
-            "    (multiscale: 10 CNF blocks over 3 scales, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
-            "     Adam lr 1e-3 warmed up over 1000 iterations, no weight decay, loss in bits/dim, T=1 not trained)",
-            f"  this project: {' '.join(ours_cmd[1:])}",
-            "    (configs/mnist.yaml: the same flow and solver, Adam lr 1e-3 without warm-up or decay, loss in nats",
-            "     per image, T=1 trained with lr 1e-3; validation/test cut to 100 images)")
-        theirs = run_child("FFJORD train_cnf.py", ff_cmd, work, ffjord_cnf_line,
-                           stop_after=lambda r: len(r.seconds) >= n + w)
-        ours = run_child("train.py mnist", ours_cmd, work, lambda r, line: None)
-        ours_from_events(ours, ours_out)
-        say(*compare(f"MNIST, batch {b}, {n} iterations after {w} warm-up", ours, theirs, w))
-        variant(args, ours_cmd, ours_out, theirs, f"MNIST, batch {b}, {n} iterations after {w} warm-up", w, work, say)
-        if not args.skip_sampling:
-            _, ours_s = sample_run("sample.py mnist", [py, str(ROOT / "sample.py"), str(ours_out / "checkpoint.pt"),
-                                                       "--out", str(work / "mnist_samples.pt"), "--n", "64", "--batch-size", "64"],
-                                   work, OURS_SAMPLED)
-            _, ff_s = sample_run("FFJORD MNIST sampling", [py, str(sampler), str(ffjord), "mnist",
-                                                           str(work / "ffjord_mnist_s"), "64", "-", *FFJORD_MNIST,
-                                                           "--batch_size", str(b)], work, FF_SAMPLED)
-            say(f"MNIST sampling, 64 images in one batch (sampling call only, imports excluded):",
-                f"  this project (sample.py on its checkpoint after {n + w} steps, z only): {ours_s}",
-                f"  FFJORD (model(z, reverse=True) at initialization, integrates log-density too): {ff_s}")
+        report_mnist(args, py, work, ffjord, sampler, say)
     say("", f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
             "(other processes on the machine slow both sides alike only if they run throughout)")
-    return status
+    return 0
+
+
+def report_toy(
+    args: argparse.Namespace, py: str, work: Path, ffjord: Path, sampler: Path, say: Callable[..., None]
+) -> None:
+    """The toy comparison: training side by side, then sampling."""
+    n = args.toy_iterations
+    ff_save = work / "ffjord_toy"
+    ff_cmd = [py, str(ffjord / "train_toy.py"), "--data", "checkerboard", "--niters", str(n), "--save", str(ff_save)]
+    ours_out = work / "ours_toy"
+    ours_cmd = [py, str(ROOT / "train.py"), str(ROOT / "configs/toy.yaml"), "--out", str(ours_out),
+                "--set", f"train.iterations={n}", "--set", "train.log_every=1"]
+    say("", "toy settings:",
+        f"  FFJORD: {' '.join(ff_cmd[1:])}",
+        "    (defaults: 64-64-64 concatsquash tanh MLP, brute-force divergence, dopri5 rtol=atol=1e-5, adjoint,",
+        "     batch 100, Adam lr 1e-3 weight decay 1e-5, T=0.5 not trained (see above); validation every 100",
+        "     iterations on 1000 fresh samples; its timing excludes validation and figures)",
+        f"  this project: {' '.join(ours_cmd[1:])}",
+        "    (configs/toy.yaml: the same model, exact divergence, solver, batch and Adam; T=0.5 trained with",
+        "     lr 1e-3, weight decay 1e-5; validation every 100 iterations; per-step time/iter_seconds)")
+    theirs = run_child("FFJORD train_toy.py", ff_cmd, work, ffjord_toy_line)
+    ours = run_child("train.py toy", ours_cmd, work, lambda r, line: None)
+    ours_from_events(ours, ours_out)
+    say(*compare(f"toy checkerboard, {n} iterations", ours, theirs, args.warmup))
+    variant(args, ours_cmd, ours_out, theirs, f"toy checkerboard, {n} iterations", args.warmup, work, say)
+    if not args.skip_sampling:
+        ckpt = ours_out / "checkpoint.pt"
+        _, ours_s = sample_run("sample.py toy", [py, str(ROOT / "sample.py"), str(ckpt), "--out",
+                                                 str(work / "toy_samples.npy"), "--n", "10000",
+                                                 "--batch-size", "10000"], work, OURS_SAMPLED)
+        _, ff_s = sample_run("FFJORD toy sampling", [py, str(sampler), str(ffjord), "toy", str(work / "ffjord_toy_s"),
+                                                      "10000", str(ff_save / "checkpt.pth")], work, FF_SAMPLED)
+        say(f"toy sampling, 10000 samples after {n} iterations (one batch, sampling call only, imports excluded):",
+            f"  this project (sample.py, z only, test solver): {ours_s}",
+            f"  FFJORD (model(z, reverse=True) in eval mode, integrates log-density too): {ff_s}")
+
+
+def report_mnist(
+    args: argparse.Namespace, py: str, work: Path, ffjord: Path, sampler: Path, say: Callable[..., None]
+) -> None:
+    """The MNIST comparison: training side by side, then sampling."""
+    raw = args.mnist_raw or next((d for d in (ROOT / "data/MNIST/raw", ROOT.parent / "shared/data/MNIST/raw")
+                                  if (d / f"{MNIST_FILES[0]}.gz").is_file()), ROOT / "data/MNIST/raw")
+    data_root = prepare_mnist(raw, work)
+    b, n, w = args.batch_size, args.mnist_iterations, args.warmup
+    ff_cmd = [py, str(ffjord / "train_cnf.py"), *FFJORD_MNIST, "--batch_size", str(b), "--log_freq", "1",
+              "--save", str(work / "ffjord_mnist")]
+    ours_out = work / "ours_mnist"
+    ours_cmd = [py, str(ROOT / "train.py"), str(ROOT / "configs/mnist.yaml"), "--out", str(ours_out),
+                "--set", f"train.iterations={n + w}", "--set", f"train.batch_size={b}",
+                "--set", "train.log_every=1", "--set", f"data.root={data_root}", "--set", "data.download=false",
+                "--set", "data.val_size=100", "--set", "data.test_size=100", "--set", "train.val_batch_size=100"]
+    say("", "MNIST settings:",
+        f"  FFJORD: {' '.join(ff_cmd[1:])} (cwd holds ./data/MNIST/raw; stopped after {n + w} iterations)",
+        "    (multiscale: 10 CNF blocks over 3 scales, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
+        "     Adam lr 1e-3 warmed up over 1000 iterations, no weight decay, loss in bits/dim, T=1 not trained)",
+        f"  this project: {' '.join(ours_cmd[1:])}",
+        "    (configs/mnist.yaml: the same flow and solver, Adam lr 1e-3 without warm-up or decay, loss in nats",
+        "     per image, T=1 trained with lr 1e-3; validation/test cut to 100 images)")
+    theirs = run_child("FFJORD train_cnf.py", ff_cmd, work, ffjord_cnf_line,
+                       stop_after=lambda r: len(r.seconds) >= n + w)
+    ours = run_child("train.py mnist", ours_cmd, work, lambda r, line: None)
+    ours_from_events(ours, ours_out)
+    say(*compare(f"MNIST, batch {b}, {n} iterations after {w} warm-up", ours, theirs, w))
+    variant(args, ours_cmd, ours_out, theirs, f"MNIST, batch {b}, {n} iterations after {w} warm-up", w, work, say)
+    if not args.skip_sampling:
+        _, ours_s = sample_run("sample.py mnist", [py, str(ROOT / "sample.py"), str(ours_out / "checkpoint.pt"),
+                                                   "--out", str(work / "mnist_samples.pt"), "--n", "64", "--batch-size", "64"],
+                               work, OURS_SAMPLED)
+        _, ff_s = sample_run("FFJORD MNIST sampling", [py, str(sampler), str(ffjord), "mnist",
+                                                       str(work / "ffjord_mnist_s"), "64", "-", *FFJORD_MNIST,
+                                                       "--batch_size", str(b)], work, FF_SAMPLED)
+        say("MNIST sampling, 64 images in one batch (sampling call only, imports excluded):",
+            f"  this project (sample.py on its checkpoint after {n + w} steps, z only): {ours_s}",
+            f"  FFJORD (model(z, reverse=True) at initialization, integrates log-density too): {ff_s}")
 
 
 if __name__ == "__main__":

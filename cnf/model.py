@@ -20,7 +20,6 @@ from cnf.fields import MLPField, VectorField
 from cnf.flow import Flow
 from cnf.multiscale import MultiscaleFlow, default_scales, scale_shapes
 from cnf.odeblock import CNFBlock
-from cnf.solver import Solver
 from cnf.unet import UNetField
 
 GateFactory = Callable[[VectorField], nn.Module]

@@ -105,8 +105,6 @@ def test_only_trains_the_matching_runs_and_tables_wait_for_the_rest(tmp_path, ca
 
 def test_an_interrupted_run_is_waited_for_not_reported_as_failed(tmp_path, capsys, monkeypatch):
     """A run stopped by a signal resumes on the next call; the tables wait for it."""
-    import train
-
     spec = write(tmp_path / "cmp.yaml", {
         "base": {"config": TOY, "set": TINY}, "methods": ["dense", "random"], "sparsities": [0.5], "threads": 1,
     })
@@ -158,8 +156,6 @@ def test_seeds_train_their_own_runs_and_tables_report_final_values_and_sample_st
 
 
 def test_a_failed_seed_is_counted_as_failed_not_averaged_in(tmp_path, monkeypatch):
-    import train
-
     spec = write(tmp_path / "cmp.yaml", {
         "base": {"config": TOY, "set": TINY}, "methods": ["dense"], "seeds": [0, 1], "threads": 1,
     })
@@ -188,8 +184,6 @@ def test_a_failed_seed_is_counted_as_failed_not_averaged_in(tmp_path, monkeypatc
 def test_a_resumed_run_reports_the_wall_time_of_all_its_pieces(tmp_path, monkeypatch):
     """100 s until a signal stopped the run, 5 s to resume and finish it: 105 s."""
     import types
-
-    import train
 
     spec = write(tmp_path / "cmp.yaml", {"base": {"config": TOY, "set": TINY}, "methods": ["dense"], "threads": 1})
     out = tmp_path / "out"

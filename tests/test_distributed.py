@@ -50,7 +50,6 @@ def _rank_masks(rank: int, world: int, port: int, queue) -> None:
     from cnf_prune import distributed
     from cnf_prune.config import load_config
     from cnf.data import make_data
-    from pruning.apply import prune_at_init
 
     config = load_config(ROOT / "configs/toy.yaml", ["model.hidden_dims=[16,16]", "pruning.method=magnitude",
                                                     "pruning.sparsity=0.5", "train.device=cpu"])

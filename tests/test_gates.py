@@ -224,7 +224,6 @@ def test_bad_gate_arguments_are_config_errors(kwargs, match):
 def test_weight_decay_leaves_gate_locations_alone():
     """Adam's L2 decay acts on the weights only: with a zero loss, one step moves every
     decayed weight and no log α."""
-    import train
     from cnf_prune.config import TrainConfig
 
     torch.manual_seed(0)
@@ -246,7 +245,6 @@ def test_weight_decay_leaves_gate_locations_alone():
 def test_a_one_group_optimizer_state_of_a_gated_model_resumes_in_two_groups():
     """Checkpoints written before gates had their own group: Adam's moments follow
     their parameters, and the next step is the one the old optimizer would take."""
-    import train
     from cnf_prune.config import TrainConfig
 
     torch.manual_seed(0)

@@ -510,7 +510,6 @@ def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", sorted(SCORERS))
 def test_every_pruning_method_prunes_conv_weights(method):
-    from pruning.apply import prune_at_init
 
     config = load_config(None, [
         "data.name=synthetic8", "data.val_size=16", "data.test_size=16", "model.layer_type=concat",

@@ -14,7 +14,6 @@ from cnf_prune.config import from_dict, load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
 from cnf.base import standard_normal_log_prob
-from pruning.apply import prune_at_init
 from pruning.masks import mask_buffer, prunable_weights, select_top
 from pruning.scores import SCORERS
 from pruning.tracking import sparsity_scalars

@@ -11,7 +11,7 @@ from cnf.fields import MLPField
 from cnf.flow import Flow
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
-from pruning.apply import prune_at_init, scoring_batches
+from pruning.apply import scoring_batches
 from pruning.masks import mask_buffer, prunable_weights
 from pruning.scores import (
     SCORERS,

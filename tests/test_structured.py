@@ -12,7 +12,6 @@ from cnf_prune.config import load_config, to_dict
 from cnf.data import make_data
 from cnf.errors import ConfigError
 from cnf_prune.commands import compact as compact_cli
-from pruning.apply import prune_at_init
 from cnf_prune.build import compact_model as compact
 from pruning.compact import field_cost
 from pruning.masks import apply_masks, mask_buffer, prunable_weights

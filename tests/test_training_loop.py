@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import train
 from cnf_prune.build import build_model, load_model
 from cnf_prune.checkpoint import load_checkpoint
 from cnf_prune.config import load_config
@@ -41,7 +40,7 @@ def test_the_loss_is_the_nll_plus_each_penalty_times_its_own_weight():
     x = data.train_batch(16)
     torch.manual_seed(1)  # the same gate draws for the loss and the reference trace
     batch = Likelihood(config.regularization)(model.trace, model, data, x)
-    nll, loss, trace = batch.nll, batch.loss, batch.trace
+    nll, loss = batch.nll, batch.loss
     torch.manual_seed(1)
     reference = model.trace(x)
     terms = {
