@@ -6,7 +6,7 @@ and their cumulative Jacobian norm during training.
         [--max-step N]
 
 Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
-(for example the runs ``python -m pruning.compare configs/compare_mnist.yaml`` writes).
+(for example the runs ``.venv/bin/cnf-compare configs/compare_mnist.yaml`` writes).
 The top row shows validation images of the first run's data and, per run, samples
 from the *same* base noise (so differences come from the models, not the draws; a
 run with a mixture base draws from its own mixture with the same seed);

@@ -156,7 +156,7 @@ def expected_l0(model: Flow) -> Tensor:
     """
     gates = flow_gates(model)
     if not gates:
-        raise ConfigError("the L0 penalty needs a gated model; build it with gates (cnf_prune.build.build_model with regularization.l0 or pathreg > 0)")
+        raise ConfigError("the L0 penalty needs a gated model; build the model with gates (regularization.l0 or pathreg > 0)")
     return sum(
         (p * mask_buffer(model.blocks[k].field, name)).sum()
         for k, g in gates.items()

@@ -103,7 +103,7 @@ def pathreg(model: Flow) -> Tensor:
     """``Σ_blocks ‖G_{L+1} ··· G_1‖_{1,1}``: the expected number of open paths (a scalar)."""
     gates = flow_gates(model)
     if not gates:
-        raise ConfigError("PathReg needs a gated model; build it with gates (cnf_prune.build.build_model with regularization.l0 or pathreg > 0)")
+        raise ConfigError("PathReg needs a gated model; build the model with gates (regularization.l0 or pathreg > 0)")
     return sum(gate_path_norm(g, _masks(model.blocks[k])) for k, g in gates.items())
 
 
