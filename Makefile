@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet "setuptools>=68"   # the build backend (Python 3.12+ venvs have none)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .   # cnf-train, cnf-sample, ... in .venv/bin
 	touch $@
 
