@@ -48,7 +48,7 @@ SUFFIXES = (".npy", ".pt", ".png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt or best.pt written by train.py")
     p.add_argument("--out", required=True, help="output file: .npy, .pt or .png")
