@@ -120,10 +120,15 @@ def report_resume(config: Config, saved: dict, ctx: distributed.Context) -> None
         say(f"the run already reached train.iterations={tc.iterations} "
             f"(step {saved['step']}): only the test evaluation runs; raise train.iterations "
             "to train further", ctx)
-    elif tc.early_stopping > 0 and saved["stale_validations"] >= tc.early_stopping:
+    elif stopped_early(tc, saved["stale_validations"]):
         say(f"the run stopped early at step {saved['step']} (no better validation NLL in "
             f"{saved['stale_validations']} validations): only the test evaluation runs; raise "
             "train.early_stopping (0: off) to train further", ctx)
+
+
+def stopped_early(tc: TrainConfig, stale: int) -> bool:
+    """Whether ``stale`` validations without improvement end the run (``train.early_stopping``)."""
+    return tc.early_stopping > 0 and stale >= tc.early_stopping
 
 
 def make_optimizer(model: Flow, tc: TrainConfig) -> torch.optim.Adam:

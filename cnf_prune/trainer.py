@@ -33,6 +33,7 @@ from cnf_prune.objectives import BatchLoss, make_objective
 from cnf_prune.rundir import writing
 from cnf_prune.setup import (
     check_resumable, make_optimizer, phase, prepare_model, regroup_optimizer_state, report_resume, say,
+    stopped_early,
 )
 from pruning.gates import gate_histograms
 from pruning.tracking import sparsity_scalars
@@ -436,11 +437,6 @@ def best_model_state(path: Path, device: torch.device, step: int) -> dict | None
         print(f"warning: there is no {path} (no finite validation NLL); testing the model of "
               f"step {step} instead", file=sys.stderr)
     return state
-
-
-def stopped_early(tc, stale: int) -> bool:
-    """Whether ``stale`` validations without improvement end the run (``train.early_stopping``)."""
-    return tc.early_stopping > 0 and stale >= tc.early_stopping
 
 
 def learning_rate(tc, step: int) -> float:
