@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ from torch import Tensor
 from cnf.data import DataSource
 from cnf.flow import Flow
 from pruning.config import PruningConfig
-from pruning.masks import apply_masks, prunable_weights, select_top, sparsity_table
-from pruning.scores import Loss, get_scorer
+from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top, sparsity_table
+from pruning.scores import SCORERS, Loss, get_scorer
 from pruning.structured import select_units
+
+# Scores that depend on the current weights, so that pruning.rounds > 1 rescores the
+# masked model (SynFlow iterates on its own with synflow_iterations; random ignores the model).
+ITERABLE = tuple(m for m in SCORERS if m not in ("random", "synflow"))
 
 # Spawn key that separates the scoring stream from the data source's own streams.
 _SCORING_STREAM = 0x5C0E
@@ -71,14 +76,26 @@ def prune_at_init(
     device = reference.device
     batches = [x.to(device=device, dtype=reference.dtype)
                for x in scoring_batches(data, p.batches, batch_size, seed)]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(model):
-        scores = scorer(model, batches, p, seed, loss=loss)
     if p.granularity == "unit":
-        apply_masks(model, select_units(model, scores, p.sparsity, p.scope))
+        apply_masks(model, select_units(model, _scores(model, scorer, batches, p, seed, loss), p.sparsity, p.scope))
         header = f"{header}, whole units"
     else:
-        apply_masks(model, select_top(scores, p.sparsity, p.scope))
+        rounds = p.rounds if p.method in ITERABLE else 1
+        for k in range(1, rounds + 1):  # iterative: rescore the masked model, prune a little more
+            target = 1.0 - (1.0 - p.sparsity) ** (k / rounds)
+            scores = _scores(model, scorer, batches, dataclasses.replace(p, sparsity=target), seed, loss)
+            pruned = {n: s.masked_fill(mask_buffer(model, n) == 0, -torch.inf) for n, s in scores.items()}
+            apply_masks(model, select_top(pruned, target, p.scope))
+        header = f"{header}, {rounds} rounds" if rounds > 1 else header
     return f"{header}, scored on {len(batches)} batch(es) of {batch_size}\n{sparsity_table(model)}"
+
+
+def _scores(model: Flow, scorer, batches: list[Tensor], settings: PruningConfig, seed: int,
+            loss: Loss | None) -> dict[str, Tensor]:
+    """The scorer's scores of ``model`` with its gates out, leaving the global RNG as it was."""
+    device = batches[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(model):
+        return scorer(model, batches, settings, seed, loss=loss)
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ class PruningConfig:
     synflow_iterations: int = 100
     snip_mix: float = 0.5
     granularity: str = "weight"
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         check(self.method in PRUNING_METHODS,
@@ -73,6 +74,12 @@ class PruningConfig:
         check(self.scope in ("global", "layer"), f"pruning.scope must be 'global' or 'layer' (got {self.scope!r})")
         check(self.batches > 0, f"pruning.batches must be positive (got {self.batches})")
         check(self.synflow_iterations > 0, "pruning.synflow_iterations must be positive")
+        check(self.rounds > 0, f"pruning.rounds must be a positive integer (got {self.rounds})")
+        check(self.rounds == 1 or self.method not in ("random", "synflow"),
+              f"pruning.rounds applies to scores of the current weights; {self.method} does not iterate "
+              "that way (SynFlow has pruning.synflow_iterations): set rounds to 1")
+        check(self.rounds == 1 or self.granularity == "weight",
+              "pruning.rounds > 1 prunes weights iteratively; with granularity 'unit' set rounds to 1")
         check(0.0 <= self.snip_mix <= 1.0, f"pruning.snip_mix must be in [0, 1] (got {self.snip_mix})")
         check(self.method != "none" or self.sparsity == 0.0,
                f"pruning.sparsity is {self.sparsity} but pruning.method is 'none'; "

@@ -33,7 +33,8 @@ def test_tiny_comparison_writes_tables_and_figures_and_resumes(tmp_path):
     out = tmp_path / "out"
     assert compare.main([str(spec), "--out", str(out)]) == 0
 
-    for name in ("results.md", "results.csv", "runs.csv", "jacobian_norm.png", "nfe_forward.png", "tradeoff.png"):
+    for name in ("results.md", "results.csv", "runs.csv", "jacobian_norm.png", "nfe_forward.png", "tradeoff.png",
+                 "pareto.png"):
         assert (out / name).stat().st_size > 0, name
     runs = ["dense_s0_seed0", "jacobian_spectrum_s0.5_seed0", "kinetic_s0_seed0"]
     for run in runs:
@@ -69,6 +70,10 @@ def test_tiny_comparison_writes_tables_and_figures_and_resumes(tmp_path):
         ({"methods": ["dense"], "runs": [{"label": "random", "set": []}]}, "not a method name"),
         ({"methods": ["dense"], "runs": [{"label": "x", "set": ["model.width=3"]}]}, "unknown config key"),
         ({"methods": ["dense"], "seeds": [0, 0]}, "share the directory dense_s0_seed0"),
+        ({"methods": ["dense"], "sweeps": [{"methods": ["snip"]}]}, "sparsities for methods other than dense"),
+        ({"methods": ["dense"], "sweeps": [{"methods": ["lasso"], "sparsities": [0.5]}]}, "unknown method 'lasso'"),
+        ({"methods": ["dense"], "runs": [{"label": "x", "sparsities": [1.5]}]}, r"runs\[\]\.sparsities must be"),
+        ({"methods": ["dense"], "runs": [{"label": "x"}, {"label": "x"}]}, "share the directory x_s0_seed0"),
     ],
 )
 def test_bad_comparison_files_are_clear_errors(tmp_path, spec, message):
@@ -76,6 +81,26 @@ def test_bad_comparison_files_are_clear_errors(tmp_path, spec, message):
     with pytest.raises(ConfigError, match=message):
         compare.load_comparison(path)
     assert compare.main([str(path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_sweeps_and_extra_runs_plan_one_run_per_method_sparsity_and_seed(tmp_path):
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": TINY},
+        "methods": ["dense", "random", "snip"], "sparsities": [0.9], "seeds": [0, 1],
+        "sweeps": [{"methods": ["random", "jacobian_spectrum"], "sparsities": [0.5, 0.9]}],
+        "runs": [{"label": "js_rounds", "set": ["pruning.method=jacobian_spectrum", "pruning.rounds=3"],
+                  "sparsities": [0.8, 0.95]},
+                 {"label": "rnode", "set": ["regularization.kinetic=0.01"]}],
+    })
+    comparison = compare.load_comparison(spec)
+    names = [r.name for r in comparison.runs]
+    per_seed = ["dense_s0", "random_s0.9", "snip_s0.9", "random_s0.5", "jacobian_spectrum_s0.5",
+                "jacobian_spectrum_s0.9", "js_rounds_s0.8", "js_rounds_s0.95", "rnode_s0"]
+    assert names == [f"{n}_seed{seed}" for seed in (0, 1) for n in per_seed]  # random 0.9 once per seed
+    rounds = next(r for r in comparison.runs if r.name == "js_rounds_s0.95_seed1")
+    config = compare.run_config(comparison, rounds)
+    assert (config.pruning.method, config.pruning.sparsity, config.pruning.rounds, config.seed) == \
+        ("jacobian_spectrum", 0.95, 3, 1)
 
 
 def test_finished_run_with_another_config_is_refused(tmp_path):

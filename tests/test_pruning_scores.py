@@ -12,7 +12,7 @@ from cnf.flow import Flow
 from cnf.odeblock import CNFBlock
 from cnf.solver import Solver
 from pruning.apply import scoring_batches
-from pruning.masks import mask_buffer, prunable_weights
+from pruning.masks import apply_masks, mask_buffer, prunable_weights
 from pruning.scores import (
     SCORERS,
     get_scorer,
@@ -331,3 +331,46 @@ def test_weights_without_a_jacobian_gradient_score_zero_and_the_rest_prune():
     prune(model, data, config)
     kept = flat({n: mask_buffer(model, n) for n in prunable_weights(model)})
     assert int(kept.sum()) == round(0.4 * kept.numel())
+
+
+def test_iterative_magnitude_pruning_equals_one_shot(setup):
+    """Masking leaves the kept weights' magnitudes unchanged, so rescoring them over
+    rounds must select exactly the one-shot mask: a check of the round schedule."""
+    model, data, _, _ = setup
+    twin = build_model(pruning_config(method="magnitude"), data.event_shape)
+    twin.load_state_dict(model.state_dict())
+    prune(model, data, pruning_config(method="magnitude", sparsity=0.7))
+    prune(twin, data, pruning_config(method="magnitude", sparsity=0.7, rounds=4))
+    for name in prunable_weights(model):
+        assert torch.equal(mask_buffer(model, name), mask_buffer(twin, name))
+
+
+def test_iterative_jacobian_spectrum_rescores_the_masked_model(setup):
+    """Round 1 of 2 keeps the top sqrt(1 - s) of the dense scores; round 2 keeps the top
+    (1 - s) of the masked model's scores among those."""
+    model, data, config, batches = setup
+    weights = prunable_weights(model)
+    twin = build_model(config, data.event_shape)
+    twin.load_state_dict(model.state_dict())
+    dense = flat(jacobian_spectrum_scores(twin, batches, *score_args(config)))
+    first = torch.zeros(dense.numel(), dtype=torch.bool)
+    first[dense.argsort(descending=True)[:round((1 - 0.6) ** 0.5 * dense.numel())]] = True
+    sizes = [p.numel() for p in weights.values()]
+    apply_masks(twin, {n: m.view_as(p) for (n, p), m in zip(weights.items(), first.split(sizes))})
+    rescored = flat(jacobian_spectrum_scores(twin, batches, *score_args(config))).masked_fill(~first, -torch.inf)
+    expected = torch.zeros(dense.numel(), dtype=torch.bool)
+    expected[rescored.argsort(descending=True, stable=True)[:round(0.4 * dense.numel())]] = True
+
+    prune(model, data, pruning_config(method="jacobian_spectrum", sparsity=0.6, batches=2, rounds=2))
+    kept = flat({n: mask_buffer(model, n).bool() for n in weights})
+    assert torch.equal(kept, expected)
+    assert not torch.equal(expected, dense >= dense.sort(descending=True).values[round(0.4 * dense.numel()) - 1])
+
+
+def test_rounds_are_refused_where_they_mean_nothing():
+    with pytest.raises(ConfigError, match="synflow_iterations"):
+        pruning_config(method="synflow", sparsity=0.5, rounds=3)
+    with pytest.raises(ConfigError, match="granularity"):
+        pruning_config(method="snip", sparsity=0.5, rounds=3, granularity="unit")
+    with pytest.raises(ConfigError, match="positive"):
+        pruning_config(method="snip", sparsity=0.5, rounds=0)

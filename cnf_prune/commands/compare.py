@@ -10,9 +10,15 @@ The comparison file names a base training config and what to vary::
     methods: [dense, random, jacobian_spectrum]   # dense = no pruning (sparsity 0)
     sparsities: [0.8]
     seeds: [0, 1]
-    runs:                               # optional extra runs, one per seed
+    sweeps:                             # optional: more methods x sparsities
+      - methods: [random, jacobian_spectrum]
+        sparsities: [0.5, 0.95]
+    runs:                               # optional extra runs, one per seed (and sparsity)
       - label: l0
         set: [regularization.l0=0.01]
+      - label: js_rounds
+        set: [pruning.method=jacobian_spectrum, pruning.rounds=10]
+        sparsities: [0.8, 0.95]
     threads: 1                          # optional: torch CPU threads (small models: 1 is fastest)
 
 ``--set`` adds overrides to every run. Each run trains (the trainer of ``train.py``) into
@@ -24,19 +30,24 @@ comparison can be spread over several processes or machines sharing OUT; the
 tables are written once every planned run has finished. At the end OUT holds
 
 * ``results.md``, ``results.csv``: per method and sparsity the final validation
-  NLL, test NLL, test cumulative Jacobian norm R and test NFE (test solver),
-  achieved sparsity and training wall time, mean ± std over seeds;
-  ``runs.csv``: the same per run;
+  NLL, test NLL, test cumulative Jacobian norm R and test NFE (test solver), the
+  NFE change against dense at matched validation NLL, achieved sparsity and
+  training wall time, mean ± standard error over seeds (``results.csv`` also has
+  the standard deviation); ``runs.csv``: the same per run;
 * ``jacobian_norm.png``: R during training, mean over seeds, one panel per sparsity;
   ``nfe_forward.png``: the forward NFE during training, likewise;
+* ``pareto.png``: test NLL against test NFE and against test R, one marker per
+  method, one point per sparsity, ± standard-error bars, with the Pareto front;
 * ``tradeoff.png``: test NLL against test R, coloured by test NFE, one point per
   method and sparsity.
+
+Sweeps: ``methods × sparsities × seeds`` plus ``runs`` (e.g. RNODE or L0 baselines,
+or a pruning variant with its own overrides and ``sparsities``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import json
 import math
@@ -55,29 +66,16 @@ from cnf.config import build_section
 from cnf_prune.commands import report_user_errors
 from cnf.errors import ConfigError
 from cnf_prune.commands.train import train
+from cnf_prune.comparison_figures import curve_figure, pareto_figure, tradeoff_figure
+from cnf_prune.comparison_stats import DENSE, RunResult, RunSpec, markdown_table, summarize, write_tables
 from cnf_prune.config import Config, from_dict, load_config, to_dict
 from cnf_prune.rundir import locked_run_directory
 from pruning.config import PRUNING_METHODS
 
-DENSE = "dense"
-CURVES = ("jacobian/cumulative_norm", "nfe/forward")
+CURVES = ("jacobian/cumulative_norm", "nfe/forward", "val/nll", "val/nfe")
 STATUS_FILE = "compare.json"
 SCORER_NAMES = tuple(m for m in PRUNING_METHODS if m != "none")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the comparison."""
-
-    label: str
-    sparsity: float
-    seed: int
-    overrides: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.label}_s{self.sparsity:g}_seed{self.seed}"
 
 
 @dataclass
@@ -91,22 +89,6 @@ class Comparison:
     threads: int | None = None
 
 
-@dataclass
-class RunResult:
-    """What one run measured (NaN where it failed or did not log a value)."""
-
-    spec: RunSpec
-    status: str
-    wall_seconds: float = math.nan
-    val_nll: float = math.nan
-    test_nll: float = math.nan
-    test_jac_norm: float = math.nan
-    test_nfe: float = math.nan
-    train_jac_norm: float = math.nan
-    sparsity: float = math.nan
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-
 # --- the comparison file ---------------------------------------------------------
 
 
@@ -118,12 +100,27 @@ class BaseSection:
     set: list[str] = field(default_factory=list)
 
 
+def _check_sparsities(values: list[float], key: str) -> None:
+    for s in values:
+        if not 0 < s < 1:
+            raise ConfigError(f"{key} must be numbers in (0, 1) (got {s!r})")
+
+
+def _check_methods(values: list[str], key: str) -> None:
+    valid = (DENSE, *SCORER_NAMES)
+    for m in values:
+        if m not in valid:
+            raise ConfigError(f"unknown method {m!r} in {key}; valid: {', '.join(valid)}")
+
+
 @dataclass
 class ExtraRun:
-    """An entry of ``runs``: a labelled run per seed with its own overrides."""
+    """An entry of ``runs``: a labelled run per seed with its own overrides, once at
+    the sparsity its overrides give, or once per entry of ``sparsities``."""
 
     label: str = ""
     set: list[str] = field(default_factory=list)
+    sparsities: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not _LABEL.match(self.label) or self.label in (DENSE, *PRUNING_METHODS):
@@ -131,6 +128,21 @@ class ExtraRun:
                 "runs[].label must be a name of letters, digits, '_', '.', '-' that is "
                 f"not a method name (got {self.label!r})"
             )
+        _check_sparsities(self.sparsities, "runs[].sparsities")
+
+
+@dataclass
+class Sweep:
+    """An entry of ``sweeps``: more methods × sparsities beside the main ones."""
+
+    methods: list[str] = field(default_factory=list)
+    sparsities: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_methods(self.methods, "sweeps[].methods")
+        _check_sparsities(self.sparsities, "sweeps[].sparsities")
+        if not self.methods or (any(m != DENSE for m in self.methods) and not self.sparsities):
+            raise ConfigError("each of sweeps needs methods, and sparsities for methods other than dense")
 
 
 @dataclass
@@ -141,22 +153,18 @@ class ComparisonFile:
     methods: list[str] = field(default_factory=list)
     sparsities: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    sweeps: list[Sweep] = field(default_factory=list)
     runs: list[ExtraRun] = field(default_factory=list)
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        valid = (DENSE, *SCORER_NAMES)
-        for m in self.methods:
-            if m not in valid:
-                raise ConfigError(f"unknown method {m!r} in methods; valid: {', '.join(valid)}")
-        for s in self.sparsities:
-            if not 0 < s < 1:
-                raise ConfigError(f"sparsities must be numbers in (0, 1) (got {s!r})")
+        _check_methods(self.methods, "methods")
+        _check_sparsities(self.sparsities, "sparsities")
         if not self.seeds:
             raise ConfigError(f"seeds must be a non-empty list of integers (got {self.seeds!r})")
         if not self.base.config:
             raise ConfigError("base.config must name a training config, e.g. configs/toy.yaml")
-        if not self.methods and not self.runs:
+        if not self.methods and not self.runs and not self.sweeps:
             raise ConfigError("the comparison has no runs: give methods (and sparsities) or runs")
         if any(m != DENSE for m in self.methods) and not self.sparsities:
             raise ConfigError("methods other than dense need sparsities, e.g. sparsities: [0.8]")
@@ -186,14 +194,20 @@ def load_comparison(path: str | Path, overrides: Sequence[str] = ()) -> Comparis
     common = list(spec.base.set) + list(overrides)
     runs: list[RunSpec] = []
     for seed in spec.seeds:
-        for m in spec.methods:
-            for s in [0.0] if m == DENSE else spec.sparsities:
-                method = "none" if m == DENSE else m
-                runs.append(RunSpec(m, float(s), seed, (f"pruning.method={method}", f"pruning.sparsity={s}", f"seed={seed}")))
-        for run in spec.runs:
-            extra_set = (*run.set, f"seed={seed}")
-            sparsity = load_config(base_path, [*common, *extra_set]).pruning.sparsity
-            runs.append(RunSpec(run.label, sparsity, seed, extra_set))
+        swept: list[RunSpec] = []
+        for sweep in [Sweep(spec.methods, spec.sparsities)] * bool(spec.methods) + spec.sweeps:
+            for m in sweep.methods:
+                for s in [0.0] if m == DENSE else sweep.sparsities:
+                    method = "none" if m == DENSE else m
+                    run = RunSpec(m, float(s), seed, (f"pruning.method={method}", f"pruning.sparsity={s}", f"seed={seed}"))
+                    if run not in swept:  # a method and sparsity in two sweeps runs once
+                        swept.append(run)
+        runs += swept
+        for extra in spec.runs:
+            for s in extra.sparsities or [None]:
+                extra_set = (*extra.set, *([f"pruning.sparsity={s}"] if s is not None else []), f"seed={seed}")
+                sparsity = load_config(base_path, [*common, *extra_set]).pruning.sparsity
+                runs.append(RunSpec(extra.label, sparsity, seed, extra_set))
     names = [r.name for r in runs]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -288,162 +302,6 @@ def read_run(run: RunSpec, out: Path) -> RunResult:
     return result
 
 
-# --- tables -------------------------------------------------------------------------
-
-METRICS = (
-    ("val_nll", "val NLL"),
-    ("test_nll", "test NLL"),
-    ("test_jac_norm", "R (test)"),
-    ("test_nfe", "test NFE"),
-    ("sparsity", "achieved sparsity"),
-    ("wall_seconds", "wall time (s)"),
-)
-
-
-@dataclass
-class Row:
-    """Mean and std over the seeds that finished, for one method and sparsity."""
-
-    label: str
-    sparsity: float
-    seeds: int
-    failed: int
-    mean: dict[str, float]
-    std: dict[str, float]
-
-
-def summarize(results: Sequence[RunResult]) -> list[Row]:
-    """One row per (label, sparsity), in the order the runs were planned."""
-    groups: dict[tuple[str, float], list[RunResult]] = {}
-    for r in results:
-        groups.setdefault((r.spec.label, r.spec.sparsity), []).append(r)
-    rows = []
-    for (label, sparsity), group in groups.items():
-        done = [r for r in group if r.status == "done"]
-        values = {k: np.array([getattr(r, k) for r in done], dtype=float) for k, _ in METRICS}
-        rows.append(Row(
-            label, sparsity, len(done), len(group) - len(done),
-            {k: float(v.mean()) if len(v) else math.nan for k, v in values.items()},
-            {k: float(v.std(ddof=1)) if len(v) > 1 else math.nan for k, v in values.items()},
-        ))
-    return rows
-
-
-def _cell(mean: float, std: float, digits: int) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    digits = {"test_nfe": 1, "wall_seconds": 0, "sparsity": 3}
-    head = ["method", "sparsity", *(title for _, title in METRICS), "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row.label, f"{row.sparsity:g}"]
-        cells += [_cell(row.mean[k], row.std[k], digits.get(k, 3)) for k, _ in METRICS]
-        cells.append(f"{row.seeds}" + (f" ({row.failed} failed)" if row.failed else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_tables(results: Sequence[RunResult], rows: Sequence[Row], out: Path) -> None:
-    """``results.md``, ``results.csv`` (per method and sparsity) and ``runs.csv`` (per run)."""
-    (out / "results.md").write_text(markdown_table(rows))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "sparsity", "seeds", "failed", *(f"{k}_{s}" for k, _ in METRICS for s in ("mean", "std"))])
-        for row in rows:
-            w.writerow([row.label, row.sparsity, row.seeds, row.failed,
-                        *(v for k, _ in METRICS for v in (row.mean[k], row.std[k]))])
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "method", "sparsity", "seed", "status", "train_jac_norm", *(k for k, _ in METRICS)])
-        for r in results:
-            w.writerow([r.spec.name, r.spec.label, r.spec.sparsity, r.spec.seed, r.status, r.train_jac_norm,
-                        *(getattr(r, k) for k, _ in METRICS)])
-
-
-# --- figures --------------------------------------------------------------------------
-
-_HIGHLIGHT = ("random", "jacobian_spectrum")  # the seed's Figure 2 compares these two
-
-
-def _mean_curve(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over seeds on the steps every seed logged."""
-    steps = curves[0][0]
-    for s, _ in curves[1:]:
-        steps = np.intersect1d(steps, s)
-    values = np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
-    return steps, values.mean(0), values.std(0)
-
-
-def curve_figure(results: Sequence[RunResult], tag: str, ylabel: str, path: Path) -> None:
-    """``tag`` against the training step, mean over seeds (band: ± std), one panel
-    per sparsity; runs at sparsity 0 (dense, unpruned extra runs) appear in every panel."""
-    from matplotlib.figure import Figure
-
-    done = [r for r in results if r.status == "done" and tag in r.curves]
-    sparsities = sorted({r.spec.sparsity for r in done if r.spec.sparsity > 0}) or [0.0]
-    labels = list(dict.fromkeys(r.spec.label for r in done))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    fig = Figure(figsize=(6 * len(sparsities), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(sparsities), squeeze=False)[0]
-    for ax, sparsity in zip(axes, sparsities):
-        for label in labels:
-            group = [r for r in done if r.spec.label == label and r.spec.sparsity in (0.0, sparsity)]
-            if not group:
-                continue
-            steps, mean, std = _mean_curve([r.curves[tag] for r in group])
-            bold = label in _HIGHLIGHT
-            ax.plot(steps, mean, color=colors[label], lw=2.4 if bold else 1.2, alpha=1.0 if bold else 0.8,
-                    ls="--" if label == DENSE else "-", label=f"{label} ({len(group)} seed{'s' * (len(group) > 1)})")
-            if len(group) > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.15, lw=0)
-        ax.set_title(f"sparsity {sparsity:g}" if sparsity > 0 else "dense")
-        ax.set_xlabel("training iteration")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-
-
-_MARKERS = "osD^vP*Xph<>"
-
-
-def tradeoff_figure(rows: Sequence[Row], results: Sequence[RunResult], path: Path) -> None:
-    """Test NLL against test R, one large marker per method × sparsity (mean over
-    seeds, ± std bars) coloured by test NFE, and each run as a small marker."""
-    from matplotlib.figure import Figure
-
-    rows = [r for r in rows if r.seeds > 0]
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
-    ax = fig.subplots()
-    if rows:
-        nfe = np.array([r.mean["test_nfe"] for r in rows])
-        low, high = float(np.nanmin(nfe)), float(np.nanmax(nfe))
-        norm = {"vmin": low, "vmax": high if high > low else low + 1}
-        for i, row in enumerate(rows):
-            marker = _MARKERS[i % len(_MARKERS)]
-            runs = [r for r in results if r.status == "done"
-                    and (r.spec.label, r.spec.sparsity) == (row.label, row.sparsity)]
-            ax.scatter([r.test_jac_norm for r in runs], [r.test_nll for r in runs], marker=marker,
-                       s=18, c="0.55", alpha=0.7, zorder=1)
-            x, y = row.mean["test_jac_norm"], row.mean["test_nll"]
-            ax.errorbar(x, y, xerr=np.nan_to_num(row.std["test_jac_norm"]), yerr=np.nan_to_num(row.std["test_nll"]),
-                        fmt="none", ecolor="0.6", lw=1, zorder=2)
-            name = f"{row.label} {row.sparsity:g}" if row.sparsity > 0 else row.label
-            points = ax.scatter([x], [y], c=[row.mean["test_nfe"]], marker=marker, s=110, cmap="viridis",
-                                edgecolors="k", zorder=3, label=name, **norm)
-        fig.colorbar(points, ax=ax, label="test NFE per solve (mean)")
-        ax.legend(fontsize=8, title="method sparsity (grey: single runs)", title_fontsize=8)
-    ax.set_xlabel("cumulative Jacobian norm R (test)")
-    ax.set_ylabel("test NLL (nats)")
-    ax.set_title("NLL – R – NFE trade-off")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-
-
 # --- command line ---------------------------------------------------------------------
 
 
@@ -523,8 +381,11 @@ def run_comparison(args: argparse.Namespace, comparison: Comparison, out: Path) 
                  out / "jacobian_norm.png")
     curve_figure(results, "nfe/forward", "forward NFE per training solve", out / "nfe_forward.png")
     tradeoff_figure(rows, results, out / "tradeoff.png")
+    pareto_figure(rows, out / "pareto.png", title=f"{out.name}: likelihood against solver cost "
+                  "(mean ± s.e. over seeds; lower-left is better)")
     print(markdown_table(rows))
-    print(f"wrote results.md, results.csv, runs.csv, jacobian_norm.png, nfe_forward.png, tradeoff.png to {out}")
+    print(f"wrote results.md, results.csv, runs.csv, jacobian_norm.png, nfe_forward.png, tradeoff.png, "
+          f"pareto.png to {out}")
     return 0
 
 
