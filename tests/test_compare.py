@@ -96,7 +96,7 @@ def test_sweeps_and_extra_runs_plan_one_run_per_method_sparsity_and_seed(tmp_pat
     names = [r.name for r in comparison.runs]
     per_seed = ["dense_s0", "random_s0.9", "snip_s0.9", "random_s0.5", "jacobian_spectrum_s0.5",
                 "jacobian_spectrum_s0.9", "js_rounds_s0.8", "js_rounds_s0.95", "rnode_s0"]
-    assert names == [f"{n}_seed{seed}" for seed in (0, 1) for n in per_seed]  # random 0.9 once per seed
+    assert names == [f"{n}_seed{seed}" for n in per_seed for seed in (0, 1)]  # random 0.9 once per seed
     rounds = next(r for r in comparison.runs if r.name == "js_rounds_s0.95_seed1")
     config = compare.run_config(comparison, rounds)
     assert (config.pruning.method, config.pruning.sparsity, config.pruning.rounds, config.seed) == \
@@ -236,3 +236,22 @@ def test_a_resumed_run_reports_the_wall_time_of_all_its_pieces(tmp_path, monkeyp
     assert status["status"] == "done" and status["wall_seconds"] == 105.0
     with open(out / "runs.csv") as f:
         assert float(next(csv.DictReader(f))["wall_seconds"]) == 105.0
+
+
+def test_processes_sharing_out_skip_the_run_another_one_holds(tmp_path, capsys):
+    """--only '*' in several processes is a work queue: a held run is left to its holder."""
+    from cnf_prune.rundir import locked_run_directory
+
+    spec = write(tmp_path / "cmp.yaml", {
+        "base": {"config": TOY, "set": TINY}, "methods": ["dense", "random"], "sparsities": [0.5], "threads": 1,
+    })
+    out = tmp_path / "out"
+    with locked_run_directory(out / "dense_s0_seed0"):  # as if another process were training it
+        assert compare.main([str(spec), "--out", str(out), "--only", "*"]) == 0
+    captured = capsys.readouterr()
+    assert "dense_s0_seed0: another process is training it; skipped here" in captured.err
+    assert "still to finish: dense_s0_seed0" in captured.out
+    assert not (out / "dense_s0_seed0" / "compare.json").exists()
+    assert json.loads((out / "random_s0.5_seed0" / "compare.json").read_text())["status"] == "done"
+    assert compare.main([str(spec), "--out", str(out), "--only", "*"]) == 0
+    assert (out / "results.md").is_file()

@@ -21,13 +21,17 @@ The comparison file names a base training config and what to vary::
         sparsities: [0.8, 0.95]
     threads: 1                          # optional: torch CPU threads (small models: 1 is fastest)
 
-``--set`` adds overrides to every run. Each run trains (the trainer of ``train.py``) into
+Runs train in the file's order, every seed of a method and sparsity before the
+next one. ``--set`` adds overrides to every run. Each run trains (the trainer of ``train.py``) into
 ``OUT/<method>_s<sparsity>_seed<seed>/``, so ``tensorboard --logdir OUT`` overlays
 their curves. A run that finished is skipped and an interrupted one resumed, so
 rerunning the command continues a comparison. ``--only PATTERN`` (repeatable,
 shell-style, matched against the run names) trains just those runs, so one
 comparison can be spread over several processes or machines sharing OUT; the
-tables are written once every planned run has finished. At the end OUT holds
+tables are written once every planned run has finished. ``--only '*'`` in several
+processes makes them a work queue: each trains the next run no other process holds
+(a run another process is training is skipped, and finished ones are skipped).
+At the end OUT holds
 
 * ``results.md``, ``results.csv``: per method and sparsity the final validation
   NLL, test NLL, test cumulative Jacobian norm R and test NFE (test solver), the
@@ -208,6 +212,10 @@ def load_comparison(path: str | Path, overrides: Sequence[str] = ()) -> Comparis
                 extra_set = (*extra.set, *([f"pruning.sparsity={s}"] if s is not None else []), f"seed={seed}")
                 sparsity = load_config(base_path, [*common, *extra_set]).pruning.sparsity
                 runs.append(RunSpec(extra.label, sparsity, seed, extra_set))
+    # every seed of a setting before the next setting: a comparison cut short by time
+    # loses settings, not seeds (sorted is stable: the file's order otherwise)
+    order = list(dict.fromkeys((r.label, r.sparsity) for r in runs))
+    runs.sort(key=lambda r: order.index((r.label, r.sparsity)))
     names = [r.name for r in runs]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -364,7 +372,9 @@ def run_comparison(args: argparse.Namespace, comparison: Comparison, out: Path) 
             if code > 128:  # stopped by a signal: the checkpoint is written, rerun to resume
                 log(f"stopped; rerun the same command to resume from {run.name}")
                 return code
-            if code != 0:
+            if code == 7:  # BusyError: another process trains it (see --only)
+                log(f"{run.name}: another process is training it; skipped here")
+            elif code != 0:
                 log(f"{run.name} failed with exit code {code}; it is reported as failed")
     finally:
         torch.set_num_threads(threads)
