@@ -24,7 +24,7 @@ from cnf_prune.trainer import learning_rate
 def training_setup(config, device: torch.device):
     """``(data, model, optimizer, average or None)`` as the trainer builds them."""
     data, model = prepare_model(config, Context(device=device), fresh=True)
-    optimizer = make_optimizer(model, config.train)
+    optimizer = make_optimizer(model, config.train, config.regularization.gate_lr_scale)
     ema = ParameterAverage(model, config.train.ema_decay) if config.train.ema_decay > 0 else None
     return data, model, optimizer, ema
 

@@ -131,14 +131,16 @@ def stopped_early(tc: TrainConfig, stale: int) -> bool:
     return tc.early_stopping > 0 and stale >= tc.early_stopping
 
 
-def make_optimizer(model: Flow, tc: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(model: Flow, tc: TrainConfig, gate_lr_scale: float = 1.0) -> torch.optim.Adam:
     """Adam with ``train.weight_decay`` on the weights; gate locations ``log α`` get
     none (as in Louizos et al.: the L0 penalty is what acts on them, and decay would
-    pull every gate towards q = 0.83 and an eval gate of 0.5)."""
+    pull every gate towards q = 0.83 and an eval gate of 0.5), and ``gate_lr_scale``
+    times the learning rate (each group's ``lr_scale``; the trainer's schedule applies it)."""
     gate_ids = {id(p) for gates in flow_gates(model).values() for p in gates.parameters()}
     weights = [p for p in model.parameters() if id(p) not in gate_ids]
     gates = [p for p in model.parameters() if id(p) in gate_ids]
-    groups = [{"params": weights}] + ([{"params": gates, "weight_decay": 0.0}] if gates else [])
+    gate_group = {"params": gates, "weight_decay": 0.0, "lr": tc.lr * gate_lr_scale, "lr_scale": gate_lr_scale}
+    groups = [{"params": weights, "lr_scale": 1.0}] + ([gate_group] if gates else [])
     return torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
 
 

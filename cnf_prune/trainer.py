@@ -108,7 +108,7 @@ class Trainer:
         # Ranks draw their own probes and gate samples, reproducibly from the seed.
         torch.manual_seed(config.seed + 7919 * ctx.rank)
         self.step_model = distributed.wrap(self.model, ctx)  # DistributedDataParallel under torchrun
-        self.optimizer = make_optimizer(self.model, self.tc)
+        self.optimizer = make_optimizer(self.model, self.tc, self.config.regularization.gate_lr_scale)
         self.ema = ParameterAverage(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         self.objective = make_objective(config.train, config.regularization)
         self.state = LoopState()
@@ -198,7 +198,7 @@ class Trainer:
             return None
         self.state.bad_steps = 0
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.tc, self.state.step)
+            group["lr"] = learning_rate(self.tc, self.state.step) * group.get("lr_scale", 1.0)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)

@@ -31,6 +31,7 @@ class RegularizationConfig:
     gate_stretch_low: float = -0.1
     gate_stretch_high: float = 1.1
     gate_init_open: float = 0.9
+    gate_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("kinetic", "jacobian_frobenius", "l0", "pathreg", "path_weights"):
@@ -38,6 +39,7 @@ class RegularizationConfig:
         check(self.gate_temperature > 0, f"regularization.gate_temperature (β) must be positive (got {self.gate_temperature})")
         check(self.gate_stretch_low < 0, f"regularization.gate_stretch_low (γ) must be negative (got {self.gate_stretch_low})")
         check(self.gate_stretch_high > 1, f"regularization.gate_stretch_high (ζ) must exceed 1 (got {self.gate_stretch_high})")
+        check(self.gate_lr_scale > 0, f"regularization.gate_lr_scale must be positive (got {self.gate_lr_scale})")
         check(0 < self.gate_init_open < 1, f"regularization.gate_init_open must be in (0, 1) (got {self.gate_init_open})")
 
     @property

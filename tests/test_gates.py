@@ -274,3 +274,26 @@ def test_a_one_group_optimizer_state_of_a_gated_model_resumes_in_two_groups():
     new.step()
     for p, e in zip(model.parameters(), expected):
         assert torch.equal(p, e)
+
+
+def test_gate_lr_scale_sets_the_step_of_the_gate_locations():
+    """Adam's first step moves each parameter by its learning rate (times the sign of
+    its gradient): log α by lr × gate_lr_scale, the weights by lr."""
+    from cnf_prune.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(gated_config(), (2,))
+    gates = [p for g in model.blocks for p in g.gates.parameters()]
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0), gate_lr_scale=20.0)
+    before = [p.detach().clone() for p in gates]
+    weight = model.blocks[0].field.layers[0].weight
+    w_before = weight.detach().clone()
+    optimizer.zero_grad()
+    model.trace(torch.randn(16, 2)).logabsdet.mean().backward()
+    optimizer.step()
+    moved = torch.cat([(p - b).abs().flatten() for p, b in zip(gates, before)])
+    w_moved = (weight - w_before).abs().flatten()
+    for step, lr in ((moved, 2e-2), (w_moved, 1e-3)):  # at most lr; exactly lr unless |g| ~ Adam's eps
+        assert step.max() <= lr * (1 + 1e-6)
+        assert step.median().item() == pytest.approx(lr, rel=1e-2)
+    assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 20.0]
