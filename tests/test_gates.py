@@ -294,6 +294,6 @@ def test_gate_lr_scale_sets_the_step_of_the_gate_locations():
     moved = torch.cat([(p - b).abs().flatten() for p, b in zip(gates, before)])
     w_moved = (weight - w_before).abs().flatten()
     for step, lr in ((moved, 2e-2), (w_moved, 1e-3)):  # at most lr; exactly lr unless |g| ~ Adam's eps
-        assert step.max() <= lr * (1 + 1e-6)
+        assert step.max() <= lr * (1 + 1e-3)  # float32 rounding of the parameters
         assert step.median().item() == pytest.approx(lr, rel=1e-2)
     assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 20.0]
