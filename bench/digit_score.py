@@ -1,7 +1,7 @@
 """How many samples of an MNIST flow a digit classifier recognizes.
 
     python bench/digit_score.py CHECKPOINT [CHECKPOINT ...] [--n 1000]
-        [--temperature 0.7 1.0] [--threshold 0.9] [--epochs 2] [--seed 0] [--diagnose]
+        [--temperature 0.7 1.0] [--threshold 0.9] [--epochs 6 [2 ...]] [--seed 0] [--diagnose]
 
 "Recognizable digits" as a figure instead of an impression. The script trains a
 small convolutional classifier on the MNIST training images of the first
@@ -34,7 +34,10 @@ scores two more image sets:
   the base is the problem; if not, the flow itself maps Gaussian noise to poor
   images.
 
-The classifier is a proxy, in the spirit of the Inception score. A high
+The classifier (``--epochs 6`` by default; before 2026-12-07 it was 2, which reached
+97.1% test accuracy but called only 86% of real test digits confidently) is a proxy,
+in the spirit of the Inception score. ``--epochs 2 6`` scores the same samples with
+one classifier per value (column ``clf``), to show how much a figure owes to it. A high
 ``confident`` share means the samples look like digits *to it*; it says nothing
 about likelihood. Compare checkpoints at the same resolution only.
 """
@@ -176,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="samples per checkpoint and temperature (default 1000)")
     p.add_argument("--temperature", type=float, nargs="+", default=[0.7, 1.0], help="default 0.7 1.0")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence of a recognized digit (default 0.9)")
-    p.add_argument("--epochs", type=int, default=2, help="classifier training epochs (default 2)")
+    p.add_argument("--epochs", type=int, nargs="+", default=[6],
+                   help="classifier training epochs (default 6: test accuracy 98.1%%, 93%% of real test digits "
+                        "confident); several values score the same samples with one classifier each")
     p.add_argument("--train-size", type=int, default=None, help="classifier training images (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--diagnose", action="store_true",
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.epochs < 1 or not 0 < args.threshold < 1 or min(args.temperature) <= 0 \
+    if args.n < 1 or min(args.epochs) < 1 or not 0 < args.threshold < 1 or min(args.temperature) <= 0 \
             or (args.train_size is not None and args.train_size < 1):
         raise ConfigError("--n, --epochs and --train-size must be positive, --threshold in (0, 1), temperatures > 0")
     loaded = [(path, *load_model(path, map_location="cpu")[:2]) for path in args.checkpoints]
@@ -201,26 +206,32 @@ def report(args: argparse.Namespace) -> int:
     if args.diagnose and args.n <= test[0].numel():
         raise ConfigError(f"--diagnose fits a covariance to the codes of --n test images: --n must exceed "
                           f"the {test[0].numel()} pixels of an image (got {args.n})")
-    net = fit(train, train_labels, epochs=args.epochs, seed=args.seed)
-    test_probs = probabilities(net, test.float() / 255)
-    accuracy = (test_probs.argmax(-1) == test_labels).float().mean().item()
     size = "x".join(str(s) for s in test.shape[-2:])
-    print(f"classifier: {args.epochs} epoch{'s' if args.epochs != 1 else ''} on {len(train)} {size} training images, "
-          f"test accuracy {accuracy:.4f}; confident means p >= {args.threshold}")
+    nets = {}
+    for epochs in args.epochs:
+        net = fit(train, train_labels, epochs=epochs, seed=args.seed)
+        test_probs = probabilities(net, test.float() / 255)
+        accuracy = (test_probs.argmax(-1) == test_labels).float().mean().item()
+        print(f"classifier {epochs}: {epochs} epoch{'s' if epochs != 1 else ''} on {len(train)} {size} training "
+              f"images, test accuracy {accuracy:.4f}; confident means p >= {args.threshold}")
+        nets[epochs] = (net, test_probs)
 
-    rows = [("test images", "-", {**score(test_probs[:args.n], args.threshold),
-                                  **pixel_shares(test[:args.n].float() / 255)})]
+    rows = [("test images", "-", epochs, {**score(test_probs[:args.n], args.threshold),
+                                          **pixel_shares(test[:args.n].float() / 255)})
+            for epochs, (_, test_probs) in nets.items()]
     for path, model, config in loaded:
         model.eval()
         for t in args.temperature:
-            samples = draw(model, args.n, t, config.data.logit_alpha, args.seed)
-            rows.append((str(path), f"{t:g}", rate(net, samples, args.threshold)))
+            samples = draw(model, args.n, t, config.data.logit_alpha, args.seed)  # one draw for every classifier
+            rows += [(str(path), f"{t:g}", epochs, rate(net, samples, args.threshold)) for epochs, (net, _) in nets.items()]
         if args.diagnose:
-            rows += diagnose(model, net, test[:args.n], config.data.logit_alpha, args.seed, args.threshold, str(path))
+            for epochs, (net, _) in nets.items():
+                rows += [(name, t, epochs, s) for name, t, s in
+                         diagnose(model, net, test[:args.n], config.data.logit_alpha, args.seed, args.threshold, str(path))]
     width = max(len(r[0]) for r in rows)
-    print(f"{'images':<{width}}  T     confident  mean p  classes  black  bright")
-    for name, t, s in rows:
-        print(f"{name:<{width}}  {t:<4}  {s['confident']:9.3f}  {s['mean p']:6.3f}  {s['classes']:7.0f}"
+    print(f"{'images':<{width}}  T     clf  confident  mean p  classes  black  bright")
+    for name, t, epochs, s in rows:
+        print(f"{name:<{width}}  {t:<4}  {epochs:<3}  {s['confident']:9.3f}  {s['mean p']:6.3f}  {s['classes']:7.0f}"
               f"  {s['black']:5.3f}  {s['bright']:6.3f}")
     return 0
 

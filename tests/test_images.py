@@ -358,11 +358,13 @@ def test_digit_score_script_reports_every_checkpoint_and_temperature(mnist_root,
     assert train.main([str(path), "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
     ckpt = str(tmp_path / "run" / "best.pt")
-    argv = [ckpt, "--n", "8", "--temperature", "0.7", "1", "--train-size", "500", "--epochs", "1"]
+    argv = [ckpt, "--n", "8", "--temperature", "0.7", "1", "--train-size", "500", "--epochs", "1", "2"]
     assert digit_score.main(argv) == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out and "500 14x14 training images" in out
-    assert len([line for line in out.splitlines() if line.startswith(ckpt)]) == 2  # one per temperature
+    assert "classifier 2: 2 epochs on 500 14x14 training images, test accuracy" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(ckpt)]
+    assert [(r[1], r[2]) for r in rows] == [("0.7", "1"), ("0.7", "2"), ("1", "1"), ("1", "2")]  # T, classifier
+    assert {r[2]: r[-2:] for r in rows if r[1] == "1"}["1"] == {r[2]: r[-2:] for r in rows if r[1] == "1"}["2"]
     header = next(line for line in out.splitlines() if line.startswith("images"))
     assert header.split()[-2:] == ["black", "bright"]
     reference = next(line for line in out.splitlines() if line.startswith("test images")).split()
@@ -373,6 +375,7 @@ def test_digit_score_script_reports_every_checkpoint_and_temperature(mnist_root,
     assert digit_score.main(argv + ["--diagnose"]) == 2  # 8 codes cannot fit a 196-dimensional covariance
     assert "--n must exceed the 196 pixels" in capsys.readouterr().err
     argv[2] = "200"
+    argv = argv[:-1]  # one classifier
     assert digit_score.main(argv + ["--diagnose"]) == 0
     out = capsys.readouterr().out
     assert "codes of 200 test images" in out
