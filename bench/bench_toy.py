@@ -6,8 +6,8 @@ Trains ``configs/toy.yaml`` (checkerboard, 64-64-64 concatsquash tanh MLP, T=0.5
 trainable, dopri5 rtol=atol=1e-5 with the adjoint, exact divergence, batch 100,
 Adam 1e-3, weight decay 1e-5) and prints, per window of iterations, the seconds
 per iteration, mean forward/backward NFE, and finally the validation NLL.
-Reference: FFJORD's own train_toy.py takes about 0.48 s/iteration on a 2-core
-machine at NFE about 26 forward / 25 backward.
+For the comparison with FFJORD's own train_toy.py, side by side on one machine, use
+bench/vs_ffjord.py (results in bench/results/).
 """
 
 from __future__ import annotations

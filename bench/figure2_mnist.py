@@ -7,18 +7,23 @@ and their cumulative Jacobian norm during training.
 
 Each RUN_DIR is a train.py run directory holding ``best.pt`` and TensorBoard events
 (for example the runs ``.venv/bin/cnf-compare configs/compare_mnist.yaml`` writes).
-The top row shows validation images of the first run's data and, per run, samples
+The top row shows validation images of the first run's data and, per label, samples
 from the *same* base noise (so differences come from the models, not the draws; a
 run with a mixture base draws from its own mixture with the same seed);
 the bottom panel shows ``jacobian/cumulative_norm`` (R = Σ_blocks ∫ ‖∂f/∂z‖_F dt,
-Hutchinson estimate) against the training step for every run, with a dot at the
+Hutchinson estimate) against the training step for every label, with a dot at the
 step of the ``best.pt`` the samples come from; ``--max-step`` cuts the curves there.
+Runs that share a label (by default, run directories that differ only in their
+``_seedN`` suffix, as ``cnf-compare`` names them) are seeds of one setting: their
+curve is the mean over seeds with a ± standard-error band, and the samples come
+from the label's first run.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from cnf_prune.commands import report_user_errors  # noqa: E402
 from cnf.errors import ConfigError  # noqa: E402
 from cnf.images import sample_grid  # noqa: E402
 from cnf_prune.build import load_model  # noqa: E402
+from cnf_prune.comparison_figures import mean_curve  # noqa: E402
 
 CURVE = "jacobian/cumulative_norm"
 
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="train.py run directories (with best.pt)")
     p.add_argument("--out", required=True, type=Path, help="output .png")
-    p.add_argument("--labels", nargs="*", default=None, help="one label per run (default: directory names)")
+    p.add_argument("--labels", nargs="*", default=None,
+                   help="one label per run (default: the directory names without their _seedN suffix); "
+                        "runs with the same label are seeds of one setting: mean ± s.e. band")
     p.add_argument("--n", type=int, default=36, help="images per panel (default 36)")
     p.add_argument("--temperature", type=float, default=1.0, help="base noise scale (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared base noise")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def figure(args: argparse.Namespace) -> int:
-    labels = args.labels or [r.name for r in args.runs]
+    labels = args.labels or [re.sub(r"_seed\d+$", "", r.name) for r in args.runs]
     if len(labels) != len(args.runs):
         raise ConfigError(f"--labels needs one label per run ({len(args.runs)}), got {len(labels)}")
     if args.n < 1 or not args.temperature > 0 or (args.max_step is not None and args.max_step < 1):
@@ -88,7 +96,11 @@ def figure(args: argparse.Namespace) -> int:
     from torchvision.utils import make_grid
 
     panels = [("validation images", make_grid(data.val[: args.n].float() / 255, nrow=nrow, padding=2, pad_value=1.0))]
-    for (model, config, _), label in zip(loaded, labels):
+    groups: dict[str, list[int]] = {}  # runs sharing a label are seeds of one setting
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    for label, members in groups.items():
+        model, config, _ = loaded[members[0]]  # the samples of the label's first run
         # each model's own base (a fitted mixture, or N(0, I)), drawn from the same seed
         noise = model.base_noise(args.n, generator=torch.Generator().manual_seed(args.seed),
                                  temperature=args.temperature)
@@ -102,17 +114,25 @@ def figure(args: argparse.Namespace) -> int:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
-    for run, label, (_, _, payload) in zip(args.runs, labels, loaded):
-        steps, values = scalar_curve(run, CURVE)
-        if args.max_step is not None:
-            steps, values = steps[steps <= args.max_step], values[steps <= args.max_step]
+    for label, members in groups.items():
+        curves = []
+        for i in members:
+            steps, values = scalar_curve(args.runs[i], CURVE)
+            if args.max_step is not None:
+                steps, values = steps[steps <= args.max_step], values[steps <= args.max_step]
+            curves.append((steps, values))
+        if len(members) > 1:  # mean ± standard error over the seeds
+            steps, mean, se = mean_curve(curves)
+            line, = ax.plot(steps, mean, label=f"{label} ({len(members)} seeds, band: ± s.e.)")
+            ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+            continue
+        (steps, values), best = curves[0], loaded[members[0]][2].get("step")
         line, = ax.plot(steps, values, label=label)
-        best = payload.get("step")
         if best in steps:
             ax.plot([best], [values[list(steps).index(best)]], "o", color=line.get_color())
     ax.set_xlabel("training step")
     ax.set_ylabel("cumulative Jacobian norm R")
-    ax.set_title("dots: the step of best.pt, whose samples are shown", fontsize=9)
+    ax.set_title("dots: the step of best.pt, whose samples are shown (a label's first run)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     try:

@@ -502,6 +502,7 @@ def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
     assert figure2.main([str(run), str(run), "--labels", "a", "b", "--n", "4", "--out", str(fig)]) == 0
     assert Image.open(fig).size[0] > 0
     assert figure2.main([str(run), "--labels", "a", "b", "--out", str(fig)]) == 2  # one label per run
+    assert figure2.main([str(run), str(run), "--labels", "a", "a", "--n", "4", "--out", str(fig)]) == 0  # seeds: a band
     assert figure2.main([str(run), "--max-step", "1", "--n", "4", "--out", str(fig)]) == 0
     assert figure2.main([str(run), "--max-step", "0", "--out", str(fig)]) == 2
     small = tmp_path / "small"  # the same data at another resolution cannot share a figure
