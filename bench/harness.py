@@ -36,7 +36,7 @@ def training_step(model, data, optimizer, ema, config, x: torch.Tensor, step: in
     batch.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or math.inf)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config.train, step)
+        group["lr"] = learning_rate(config.train, step) * group.get("lr_scale", 1.0)
     optimizer.step()
     if ema is not None:
         ema.update(model)

@@ -381,8 +381,10 @@ def report_toy(
         "     batch 100, Adam lr 1e-3 weight decay 1e-5, T=0.5 not trained (see above); validation every 100",
         "     iterations on 1000 fresh samples; its timing excludes validation and figures)",
         f"  this project: {' '.join(ours_cmd[1:])}",
-        "    (configs/toy.yaml: the same model, exact divergence, solver, batch and Adam; T=0.5 trained with",
-        "     lr 1e-3, weight decay 1e-5; validation every 100 iterations; per-step time/iter_seconds)")
+        "    (configs/toy.yaml: the same model, exact divergence, solver, batch and Adam; gradients by",
+        "     backpropagation through the solver steps, not the adjoint (configs/toy.yaml; --also-set",
+        "     solver.adjoint=true times FFJORD's method); T=0.5 trained with lr 1e-3, weight decay 1e-5;",
+        "     validation every 100 iterations; per-step time/iter_seconds)")
     theirs = run_child("FFJORD train_toy.py", ff_cmd, work, ffjord_toy_line)
     ours = run_child("train.py toy", ours_cmd, work, lambda r, line: None)
     ours_from_events(ours, ours_out)
