@@ -17,8 +17,8 @@ For each seed it scores the freshly built model once (the scoring batches and se
   the masked weights still receive, i.e. how fast a first Adam-free step could lower
   the loss.
 
-These explain the plateau the study reports (docs/results.md): the signed score
-keeps only weights whose descent step lowers R, so ...
+docs/results.md uses these figures to discuss the low-R, high-NLL plateau of
+Jacobian-spectrum masks (output of 2026-12-07: bench/results/js_plateau_2026-12-07.txt).
 """
 
 from __future__ import annotations
