@@ -184,7 +184,7 @@ class CNFBlock(nn.Module):
         except SolverError as exc:
             if not all(torch.isfinite(p).all() for p in (x, *params)):
                 raise NonFiniteError("NaN or inf values in the input or weights of an ODE solve") from exc
-            at = float(counter.last_t) if counter.last_t is not None else math.nan
+            at = float(torch.as_tensor(counter.last_t).detach()) if counter.last_t is not None else math.nan
             where = f"t={at:.4g}" if math.isfinite(at) else "the initial step"
             raise SolverError(f"{exc} (failed at {where} of [0, {float(self.end_time.detach()):.4g}])") from exc
         counter.solved = True

@@ -262,7 +262,8 @@ def test_solver_underflow_is_explained(tmp_path, capsys):
 def test_a_failing_backward_solve_names_its_block(tmp_path, capsys):
     """The adjoint solves run from the last block to the first: the message names the
     first block that evaluated any (here the forward solves fit in two steps)."""
-    code = run_train(tmp_path / "b", "--set", "solver.max_num_steps=2", "--set", "model.num_blocks=2",
+    code = run_train(tmp_path / "b", "--set", "solver.adjoint=true", "--set", "solver.max_num_steps=2",
+                     "--set", "model.num_blocks=2",
                      "--set", "solver.rtol=1e-5", "--set", "solver.atol=1e-5",
                      "--set", "regularization.kinetic=1.0")  # a backward solve that needs more steps
     err = capsys.readouterr().err
