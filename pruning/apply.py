@@ -6,6 +6,11 @@ run and a dense run with the same seed see the same training batches and the
 same random numbers: the scoring batches come from a copy of the data source
 with its own generator, and the global torch generator is restored afterwards.
 
+With ``warmup_steps`` > 0 the scores are those of a copy of the model trained for
+that many Adam steps on the training loss (on batches of their own); the mask they
+select is applied to the untrained model, so training still starts from the
+initial weights (pruning early in training, rewound to initialization).
+
 A model built with L0 or PathReg gates is scored with its gates taken out: the
 scores are those of the ungated weights, so the mask does not depend on one
 random gate draw (a closed gate would zero a weight's gradients and its score).
@@ -25,18 +30,20 @@ from cnf.data import DataSource
 from cnf.flow import Flow
 from pruning.config import PruningConfig
 from pruning.masks import apply_masks, mask_buffer, prunable_weights, select_top, sparsity_table
-from pruning.scores import SCORERS, Loss, get_scorer
+from pruning.scores import SCORERS, Loss, get_scorer, objective_value
 from pruning.structured import select_units
 
 # Scores that depend on the current weights, so that pruning.rounds > 1 rescores the
 # masked model (SynFlow iterates on its own with synflow_iterations; random ignores the model).
 ITERABLE = tuple(m for m in SCORERS if m not in ("random", "synflow"))
 
-# Spawn key that separates the scoring stream from the data source's own streams.
+# Spawn keys that separate the scoring and warm-up streams from the data source's own.
 _SCORING_STREAM = 0x5C0E
+_WARMUP_STREAM = 0x3A2F
 
 
-def scoring_batches(data: DataSource, count: int, batch_size: int, seed: int) -> list[Tensor]:
+def scoring_batches(data: DataSource, count: int, batch_size: int, seed: int,
+                    stream: int = _SCORING_STREAM) -> list[Tensor]:
     """``count`` training batches of ``batch_size``, drawn from a copy of ``data``
     whose generator is seeded from ``seed``.
 
@@ -45,7 +52,7 @@ def scoring_batches(data: DataSource, count: int, batch_size: int, seed: int) ->
     current epoch order with the new generator.)
     """
     scoring = copy.copy(data)
-    scoring.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SCORING_STREAM,)))
+    scoring.rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
     # What the flow models (images: dequantized and logit-transformed, with noise
     # from a generator of their own, leaving the global one alone).
     noise = torch.Generator().manual_seed(seed)
@@ -76,18 +83,45 @@ def prune_at_init(
     device = reference.device
     batches = [x.to(device=device, dtype=reference.dtype)
                for x in scoring_batches(data, p.batches, batch_size, seed)]
+    scored = model
+    if p.warmup_steps:
+        warmup = [x.to(device=device, dtype=reference.dtype)
+                  for x in scoring_batches(data, p.warmup_steps, batch_size, seed, _WARMUP_STREAM)]
+        scored = warmed_up(model, warmup, p.warmup_lr, loss)
+        header = f"{header}, scored after {p.warmup_steps} warm-up steps (lr {p.warmup_lr:g})"
     if p.granularity == "unit":
-        apply_masks(model, select_units(model, _scores(model, scorer, batches, p, seed, loss), p.sparsity, p.scope))
+        masks = select_units(scored, _scores(scored, scorer, batches, p, seed, loss), p.sparsity, p.scope)
+        apply_masks(model, masks)
         header = f"{header}, whole units"
     else:
         rounds = p.rounds if p.method in ITERABLE else 1
         for k in range(1, rounds + 1):  # iterative: rescore the masked model, prune a little more
             target = 1.0 - (1.0 - p.sparsity) ** (k / rounds)
-            scores = _scores(model, scorer, batches, dataclasses.replace(p, sparsity=target), seed, loss)
-            pruned = {n: s.masked_fill(mask_buffer(model, n) == 0, -torch.inf) for n, s in scores.items()}
-            apply_masks(model, select_top(pruned, target, p.scope))
+            scores = _scores(scored, scorer, batches, dataclasses.replace(p, sparsity=target), seed, loss)
+            pruned = {n: s.masked_fill(mask_buffer(scored, n) == 0, -torch.inf) for n, s in scores.items()}
+            masks = select_top(pruned, target, p.scope)
+            apply_masks(model, masks)
+            if scored is not model:
+                apply_masks(scored, masks)
         header = f"{header}, {rounds} rounds" if rounds > 1 else header
     return f"{header}, scored on {len(batches)} batch(es) of {batch_size}\n{sparsity_table(model)}"
+
+
+def warmed_up(model: Flow, batches: list[Tensor], lr: float, loss: Loss | None) -> Flow:
+    """A copy of ``model`` (gates out) after one Adam step at ``lr`` per batch on the
+    training loss (the NLL, or ``loss``); ``model`` and the global RNG are untouched."""
+    copy_ = copy.deepcopy(model)
+    device = batches[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _gates_removed(copy_):
+        copy_.train()
+        optimizer = torch.optim.Adam(copy_.parameters(), lr=lr)
+        for x in batches:
+            trace = copy_.trace(x)
+            value = objective_value("nll", copy_, x, trace, loss)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+    return copy_
 
 
 def _scores(model: Flow, scorer, batches: list[Tensor], settings: PruningConfig, seed: int,

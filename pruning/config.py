@@ -55,7 +55,9 @@ class PruningConfig:
     layer, ``batches`` scoring batches, ``layers`` fnmatch patterns of prunable
     weights, ``synflow_iterations`` SynFlow's pruning rounds, ``snip_mix`` the SNIP
     share of ``jacobian_spectrum_snip``, ``granularity`` weight (unstructured) or
-    unit (whole hidden units/channels, see ``pruning/structured.py``)."""
+    unit (whole hidden units/channels, see ``pruning/structured.py``), ``rounds``
+    iterative pruning rounds, ``warmup_steps``/``warmup_lr`` Adam steps on a copy of
+    the model before scoring it (the mask then applies to the initial weights)."""
 
     method: str = "none"
     sparsity: float = 0.0
@@ -66,6 +68,8 @@ class PruningConfig:
     snip_mix: float = 0.5
     granularity: str = "weight"
     rounds: int = 1
+    warmup_steps: int = 0
+    warmup_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         check(self.method in PRUNING_METHODS,
@@ -82,6 +86,12 @@ class PruningConfig:
               "that way (SynFlow has pruning.synflow_iterations): set rounds to 1")
         check(self.rounds == 1 or self.granularity == "weight",
               "pruning.rounds > 1 prunes weights iteratively; with granularity 'unit' set rounds to 1")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+              f"pruning.warmup_steps must be a non-negative integer (got {self.warmup_steps})")
+        check(self.warmup_lr > 0, f"pruning.warmup_lr must be positive (got {self.warmup_lr})")
+        check(self.warmup_steps == 0 or self.method != "random",
+              "pruning.warmup_steps trains a copy of the model before scoring it; random scores ignore the "
+              "model: set warmup_steps to 0")
         check(0.0 <= self.snip_mix <= 1.0, f"pruning.snip_mix must be in [0, 1] (got {self.snip_mix})")
         check(self.method != "none" or self.sparsity == 0.0,
                f"pruning.sparsity is {self.sparsity} but pruning.method is 'none'; "

@@ -69,7 +69,9 @@ OBJECTIVES: dict[str, Callable[[Flow, FlowTrace], Tensor]] = {"nll": _nll, "jac_
 Loss = Callable[[Flow, Tensor, FlowTrace], Tensor]
 
 
-def _loss_value(obj: str, model: Flow, x: Tensor, trace: FlowTrace, loss: Loss | None) -> Tensor:
+def objective_value(obj: str, model: Flow, x: Tensor, trace: FlowTrace, loss: Loss | None) -> Tensor:
+    """One batch's ``obj`` (``nll``: the training loss L, i.e. ``loss`` or the NLL;
+    ``jac_norm``: R) from its solve ``trace``."""
     if obj == "nll" and loss is not None:
         return loss(model, x, trace)
     return OBJECTIVES[obj](model, trace)
@@ -96,7 +98,7 @@ def objective_gradients(
             trace = model.trace(x)
             for i, obj in enumerate(objectives):
                 grads = torch.autograd.grad(
-                    _loss_value(obj, model, x, trace, loss), params, retain_graph=i + 1 < len(objectives),
+                    objective_value(obj, model, x, trace, loss), params, retain_graph=i + 1 < len(objectives),
                     allow_unused=True,
                 )
                 for acc, g in zip(total[obj], grads):
@@ -230,7 +232,7 @@ def grasp_scores(
     hg = [torch.zeros_like(p) for p in params]
     twin.train()
     for x in batches:
-        grads = torch.autograd.grad(_loss_value("nll", twin, x, twin.trace(x), loss), params, create_graph=True)
+        grads = torch.autograd.grad(objective_value("nll", twin, x, twin.trace(x), loss), params, create_graph=True)
         inner = sum((g[n] * gr).sum() for n, gr in zip(names, grads))
         for acc, h in zip(hg, torch.autograd.grad(inner, params, allow_unused=True)):
             if h is not None:

@@ -374,3 +374,48 @@ def test_rounds_are_refused_where_they_mean_nothing():
         pruning_config(method="snip", sparsity=0.5, rounds=3, granularity="unit")
     with pytest.raises(ConfigError, match="positive"):
         pruning_config(method="snip", sparsity=0.5, rounds=0)
+
+
+def test_warm_up_scores_a_trained_copy_and_masks_the_initial_weights(setup):
+    """With warmup_steps, the mask is the top magnitudes of a copy trained by Adam on
+    the warm-up batches (replayed here by hand), while the model keeps its initial
+    weights (masked) and the global RNG is left as it was."""
+    model, data, config, _ = setup
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = pruning_config(method="magnitude", sparsity=0.5, warmup_steps=5, warmup_lr=1e-2)
+    twin = build_model(settings, data.event_shape)
+    twin.load_state_dict(model.state_dict())
+    optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    warm_batches = scoring_batches(data, 5, settings.train.batch_size, settings.seed, stream=0x3A2F)
+    for x in warm_batches:
+        trace = twin.trace(x)
+        loss = -(twin.base.log_prob(trace.out) + trace.logabsdet).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = flat({n: p.detach().abs() for n, p in prunable_weights(twin).items()})
+    expected = torch.zeros(trained.numel(), dtype=torch.bool)
+    expected[trained.argsort(descending=True)[:round(0.5 * trained.numel())]] = True
+
+    rng = torch.get_rng_state()
+    report = prune(model, data, settings)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert "5 warm-up steps" in report
+    weights = prunable_weights(model)
+    kept = flat({n: mask_buffer(model, n).bool() for n in weights})
+    assert torch.equal(kept, expected)
+    initial_magnitudes = flat({n: initial[n].abs() for n in weights})
+    one_shot = initial_magnitudes >= initial_magnitudes.sort(descending=True).values[round(0.5 * kept.numel()) - 1]
+    assert not torch.equal(kept, one_shot)  # the warm-up changed the mask
+    for n, p in model.named_parameters():  # training starts from the initial weights, masked
+        expected_weight = initial[n] * mask_buffer(model, n) if n in weights else initial[n]
+        torch.testing.assert_close(p.detach(), expected_weight)
+
+
+def test_warm_up_is_refused_for_random_scores_and_bad_values():
+    with pytest.raises(ConfigError, match="random scores ignore the model"):
+        pruning_config(method="random", sparsity=0.5, warmup_steps=10)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        pruning_config(method="snip", sparsity=0.5, warmup_steps=-1)
+    with pytest.raises(ConfigError, match="warmup_lr"):
+        pruning_config(method="snip", sparsity=0.5, warmup_steps=3, warmup_lr=0)
