@@ -134,8 +134,20 @@ def integrate(
 
 
 def _rms_max(tensors: Sequence[Tensor]) -> Tensor:
-    """``max_i sqrt(mean(x_i²))``: torchdiffeq's mixed norm over a tuple of states."""
-    return torch.stack([s.pow(2).mean().sqrt() for s in tensors]).max()
+    """``max_i sqrt(mean(x_i²))``: torchdiffeq's mixed norm over a tuple of states.
+
+    Backpropagating through the solver (``adjoint: false``) differentiates this norm
+    through the step-size control. A state whose error estimate is exactly zero (a
+    field cut off from its input or output by pruning) would give sqrt's infinite
+    slope at 0 times 0, a NaN; there the gradient is taken as 0, the value unchanged.
+    """
+    return torch.stack([_safe_sqrt(s.pow(2).mean()) for s in tensors]).max()
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x ≥ 0`` whose gradient at ``x = 0`` is 0 instead of NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
 def adjoint_norm(

@@ -111,3 +111,26 @@ def test_seminorm_setting_reaches_the_adjoint_solve(seminorm, monkeypatch):
               torch.full((3,), 4.0))
     assert set(seen) == {"norm"}
     assert float(seen["norm"](ratios)) == (0.0 if seminorm else 4.0)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_a_field_cut_off_from_its_input_gets_finite_gradients(adjoint):
+    """Pruning can cut every weight out of the input layer (it did at 95% random
+    sparsity): f then depends on t alone and the divergence is exactly 0, so its state's
+    difference in the solver's initial-step estimate is 0. Backpropagating through that
+    estimate (``adjoint: false``) must not turn sqrt's slope at 0 into NaN gradients.
+    The log-determinant is 0 and z moves by ∫ f(t) dt, the same for every example."""
+    torch.manual_seed(0)
+    field = MLPField(2, [8, 8], layer_type="concatsquash", nonlinearity="tanh")
+    with torch.no_grad():
+        field.layers[0].weight.zero_()
+    block = CNFBlock(field, end_time=0.5, divergence=Exact(), solver=Solver(adjoint=adjoint))
+    x = torch.randn(16, 2)
+    out = block(x)
+    assert float(out.logabsdet.abs().max()) == 0.0
+    shift = out.z - x
+    torch.testing.assert_close(shift, shift[:1].expand_as(shift))
+    assert float(shift.abs().max()) > 1e-3
+    out.z.pow(2).sum().backward()
+    grads = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values()), grads
