@@ -33,7 +33,7 @@ def curve_figure(results: Sequence[RunResult], tag: str, ylabel: str, path: Path
     done = [r for r in results if r.done and tag in r.curves]
     sparsities = sorted({r.spec.sparsity for r in done if r.spec.sparsity > 0}) or [0.0]
     labels = list(dict.fromkeys(r.spec.label for r in done))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    colors = {label: method_color(i, len(labels)) for i, label in enumerate(labels)}
     fig = Figure(figsize=(6 * len(sparsities), 4.2), layout="constrained")
     axes = fig.subplots(1, len(sparsities), squeeze=False)[0]
     for ax, sparsity in zip(axes, sparsities):
@@ -87,6 +87,16 @@ def tradeoff_figure(rows: Sequence[Row], results: Sequence[RunResult], path: Pat
     fig.savefig(path, dpi=120)
 
 
+def method_color(i: int, count: int):
+    """The i-th of ``count`` method colours: matplotlib's ten-colour cycle, or tab20
+    when there are more methods than it has colours (no two methods share one)."""
+    if count <= 10:
+        return f"C{i}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Indices of the points no other point beats in both ``x`` and ``y`` (lower is
     better), sorted by ``x``."""
@@ -109,8 +119,8 @@ def pareto_figure(rows: Sequence[Row], path: Path, *, title: str = "", nll_label
 
     rows = [r for r in rows if r.seeds > 0]
     labels = list(dict.fromkeys(r.label for r in rows))
-    style = {label: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, label in enumerate(labels)}
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    style = {label: (method_color(i, len(labels)), MARKERS[i % len(MARKERS)]) for i, label in enumerate(labels)}
+    fig = Figure(figsize=(15, 5.6), layout="constrained")
     for ax, key, xlabel in zip(fig.subplots(1, 2), ("test_nfe", "test_jac_norm"),
                                ("test NFE per solve", "cumulative Jacobian norm R (test)")):
         x = np.array([r.mean[key] for r in rows])
@@ -136,6 +146,7 @@ def pareto_figure(rows: Sequence[Row], path: Path, *, title: str = "", nll_label
         ax.set_xlabel(xlabel)
         ax.set_ylabel(nll_label)
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=8, title="method (numbers: sparsity)", title_fontsize=8)
+    fig.axes[1].legend(fontsize=8, title="method (numbers: sparsity)", title_fontsize=8,
+                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title or "likelihood against solver cost (mean ± s.e. over seeds; lower-left is better)")
     fig.savefig(path, dpi=120)
