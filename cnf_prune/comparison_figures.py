@@ -89,12 +89,14 @@ def tradeoff_figure(rows: Sequence[Row], results: Sequence[RunResult], path: Pat
 
 def method_color(i: int, count: int):
     """The i-th of ``count`` method colours: matplotlib's ten-colour cycle, or tab20
-    when there are more methods than it has colours (no two methods share one)."""
+    when there are more methods than it has colours (no two methods share one): its
+    ten strong colours first, then their pale partners."""
     if count <= 10:
         return f"C{i}"
     import matplotlib
 
-    return matplotlib.colormaps["tab20"](i % 20)
+    i %= 20
+    return matplotlib.colormaps["tab20"](2 * i if i < 10 else 2 * (i - 10) + 1)
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
