@@ -145,9 +145,10 @@ def _rms_max(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` for ``x ≥ 0`` whose gradient at ``x = 0`` is 0 instead of NaN."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    """``sqrt(x)`` for ``x ≥ 0`` whose gradient at ``x = 0`` is 0 instead of NaN
+    (a NaN or inf ``x`` passes through, so that the solver still sees it)."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 def adjoint_norm(
