@@ -18,7 +18,12 @@ from cnf.errors import ConfigError
 
 
 class Activation(nn.Module):
-    """Base class: subclasses implement ``forward(x) -> (σ(x), σ'(x))``."""
+    """Base class: subclasses implement ``forward(x) -> (σ(x), σ'(x))`` and
+    ``value(x) -> σ(x)``, the cheaper call for passes without tangents (sampling,
+    flow-matching training)."""
+
+    def value(self, x: Tensor) -> Tensor:
+        return self(x)[0]
 
 
 class Tanh(Activation):
@@ -26,16 +31,25 @@ class Tanh(Activation):
         y = torch.tanh(x)
         return y, 1.0 - y * y
 
+    def value(self, x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
 
 class Softplus(Activation):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return F.softplus(x), torch.sigmoid(x)
+
+    def value(self, x: Tensor) -> Tensor:
+        return F.softplus(x)
 
 
 class ELU(Activation):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = F.elu(x)
         return y, torch.where(x > 0, torch.ones_like(x), y + 1.0)
+
+    def value(self, x: Tensor) -> Tensor:
+        return F.elu(x)
 
 
 class Swish(Activation):
@@ -53,6 +67,9 @@ class Swish(Activation):
         s = torch.sigmoid(bx)
         y = x * s
         return y, s + bx * s * (1.0 - s)
+
+    def value(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.beta * x)
 
 
 ACTIVATIONS: dict[str, Callable[[], Activation]] = {

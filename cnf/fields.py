@@ -28,9 +28,12 @@ class VectorField(nn.Module):
 
     Subclasses set ``event_shape`` and implement
     ``forward(t, z, tangents=None, weights=None) -> (f, J·tangents or None)``.
+    ``per_example_time``: whether ``t`` may also be a batch of times, shape ``(B,)``,
+    one per example (otherwise ``t`` is one time for the whole batch).
     """
 
     event_shape: tuple[int, ...]
+    per_example_time: bool = False
 
     def prunable_weights(self) -> dict[str, nn.Parameter]:
         """Parameters that masks and gates act on, keyed by their name in the field."""
@@ -74,10 +77,11 @@ class LayeredField(VectorField):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h, v = layer(t, h, v, weights[f"layers.{i}.weight"])
-            if i < last:
+            if i < last and v is None:
+                h = self.activations[i].value(h)
+            elif i < last:
                 h, slope = self.activations[i](h)
-                if v is not None:
-                    v = v * slope.unsqueeze(1)
+                v = v * slope.unsqueeze(1)
         return h, v
 
 

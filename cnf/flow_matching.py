@@ -135,13 +135,17 @@ def evaluate_field(
 ) -> Tensor:
     """``f(t_i, x_i)`` for every example, shape ``(B, *event)``, with ``t`` of shape ``(B,)``.
 
-    The field is called once per example under ``torch.func.vmap`` (one batched call
-    in effect), since fields take one time for the whole batch. ``weights`` are the
+    Fields that take one time per example (``field.per_example_time``, the U-Net) are
+    called once on the batch; the others take one time for the whole batch and are
+    called once per example under ``torch.func.vmap`` (one batched call in effect).
+    ``weights`` are the
     effective prunable weights (``weight * mask * gate``, see
     :meth:`cnf.odeblock.CNFBlock.solve_weights`); default: ``field.masked_weights()``.
     """
     if weights is None:
         weights = field.masked_weights()
+    if field.per_example_time:
+        return field(t.to(x), x, None, weights)[0]
 
     def one(ti: Tensor, xi: Tensor) -> Tensor:
         return field(ti, xi.unsqueeze(0), None, weights)[0].squeeze(0)
@@ -175,7 +179,8 @@ def flow_matching_loss(
     if x.shape != z.shape:
         raise ValueError(f"data {tuple(x.shape)} and base draws {tuple(z.shape)} must have the same shape")
     xt = path.sample(x, z, t)
-    residual = evaluate_field(field, t, xt, weights) - path.velocity(x, z, t)
+    # .to(x): under autocast the field's output may be in a lower precision
+    residual = evaluate_field(field, t, xt, weights).to(x) - path.velocity(x, z, t)
     return residual.pow(2).flatten(1).sum(1).mean()
 
 

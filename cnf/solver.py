@@ -105,7 +105,10 @@ def integrate(
     """
 
     def norm(states: Sequence[Tensor]) -> Tensor:
-        return _rms_max(states[:n_controlled])
+        # Step sizes are decisions of the controller, not functions to differentiate:
+        # backpropagating through the solver (adjoint: false) differentiates the steps
+        # taken with their sizes held fixed, as the adjoint method does.
+        return _rms_max([s.detach() for s in states[:n_controlled]])
 
     options: dict = {"norm": norm}
     if solver.step_size is not None and not solver.adaptive:
@@ -134,21 +137,9 @@ def integrate(
 
 
 def _rms_max(tensors: Sequence[Tensor]) -> Tensor:
-    """``max_i sqrt(mean(x_i²))``: torchdiffeq's mixed norm over a tuple of states.
-
-    Backpropagating through the solver (``adjoint: false``) differentiates this norm
-    through the step-size control. A state whose error estimate is exactly zero (a
-    field cut off from its input or output by pruning) would give sqrt's infinite
-    slope at 0 times 0, a NaN; there the gradient is taken as 0, the value unchanged.
-    """
-    return torch.stack([_safe_sqrt(s.pow(2).mean()) for s in tensors]).max()
-
-
-def _safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` for ``x ≥ 0`` whose gradient at ``x = 0`` is 0 instead of NaN
-    (a NaN or inf ``x`` passes through, so that the solver still sees it)."""
-    zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+    """``max_i sqrt(mean(x_i²))``: torchdiffeq's mixed norm over a tuple of states
+    (a NaN state gives a NaN norm, which the solver reports)."""
+    return torch.stack([s.pow(2).mean().sqrt() for s in tensors]).max()
 
 
 def adjoint_norm(

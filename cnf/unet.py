@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnf.activations import make_activation
+from cnf.activations import Activation, make_activation
 from cnf.errors import ConfigError
 from cnf.fields import VectorField
 
@@ -64,6 +64,14 @@ def _fold(v: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``fn`` (a map on ``(N, C, H, W)``) to tangents ``(B, K, C, H, W)``."""
     b, k = v.shape[:2]
     return fn(v.flatten(0, 1)).unflatten(0, (b, k))
+
+
+def _activate(act: Activation, x: Tensor, v: Tensor | None) -> Pair:
+    """``(σ(x), σ'(x) ⊙ v)``; ``σ(x)`` alone when there are no tangents."""
+    if v is None:
+        return act.value(x), None
+    y, slope = act(x)
+    return y, v * slope.unsqueeze(1)
 
 
 class MaskedConv2d(nn.Module):
@@ -107,6 +115,8 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor, v: Tensor | None) -> Pair:
+        if v is None:  # torch's fused kernel, same formula
+            return F.group_norm(x, self.groups, self.weight, self.bias, self.eps), None
         g = x.reshape(x.shape[0], self.groups, -1)
         mu = g.mean(-1, keepdim=True)
         inv = torch.rsqrt(g.var(-1, unbiased=False, keepdim=True) + self.eps)
@@ -159,15 +169,12 @@ class ResBlock(nn.Module):
         self.skip = MaskedConv2d(dim_in, dim_out, 1) if dim_in != dim_out else None
 
     def forward(self, h: Tensor, v: Tensor | None, emb: Tensor, weights: Mapping[str, Tensor]) -> Pair:
-        a, va = self.norm(h, v)
-        a, slope = self.act_in(a)
-        va = None if va is None else va * slope.unsqueeze(1)
+        a, va = _activate(self.act_in, *self.norm(h, v))
         a, va = self.conv1(a, va, weights["conv1.weight"])
         scale, shift = self.time(emb)[:, :, None, None].chunk(2, dim=1)
-        a = a * (1.0 + scale) + shift
+        a = torch.addcmul(shift, a, 1.0 + scale)
         va = None if va is None else va * (1.0 + scale).unsqueeze(1)
-        a, slope = self.act_mid(a)
-        va = None if va is None else va * slope.unsqueeze(1)
+        a, va = _activate(self.act_mid, a, va)
         a, va = self.conv2(a, va, weights["conv2.weight"])
         if self.skip is None:
             s, vs = h, v
@@ -194,6 +201,8 @@ class UNetField(VectorField):
 
     References: Ronneberger et al. 2015; Ho et al. 2020.
     """
+
+    per_example_time = True
 
     def __init__(
         self,
@@ -269,9 +278,7 @@ class UNetField(VectorField):
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
                 v = None if v is None else _fold(v, lambda u: F.interpolate(u, scale_factor=2.0, mode="nearest"))
                 h, v = self.upsample[k - 1](h, v, weights[f"upsample.{k - 1}.weight"])
-        h, v = self.output_norm(h, v)
-        h, slope = self.output_act(h)
-        v = None if v is None else v * slope.unsqueeze(1)
+        h, v = _activate(self.output_act, *self.output_norm(h, v))
         return self.output(h, v, weights["output.weight"])
 
     def residual_blocks(self) -> dict[str, ResBlock]:

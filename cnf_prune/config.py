@@ -30,6 +30,7 @@ __all__ = [
 
 OBJECTIVES = ("likelihood", "flow_matching")
 COUPLINGS = ("independent", "ot")
+FM_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class TrainConfig:
     objective: str = "likelihood"
     fm_sigma_min: float = 0.0
     fm_coupling: str = "independent"
+    # The field's arithmetic in the flow-matching regression step: "float32", or
+    # "bfloat16" (autocast: convolutions and matrix products in bfloat16, weights, loss
+    # and optimizer in float32). Validation, test and sampling always run in float32.
+    fm_precision: str = "float32"
     # Validation examples evaluated at each validation (null: all of the validation set);
     # flow-matching runs validate with a full ODE solve, their expensive part.
     val_examples: int | None = None
@@ -83,6 +88,11 @@ class TrainConfig:
               f"unknown train.objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         check(self.fm_coupling in COUPLINGS,
               f"unknown train.fm_coupling {self.fm_coupling!r}; valid: {', '.join(COUPLINGS)}")
+        check(self.fm_precision in FM_PRECISIONS,
+              f"unknown train.fm_precision {self.fm_precision!r}; valid: {', '.join(FM_PRECISIONS)}")
+        check(self.fm_precision == "float32" or self.objective == "flow_matching",
+              f"train.fm_precision {self.fm_precision} applies to train.objective flow_matching only: the "
+              "likelihood's ODE solve controls its error in float32; set train.fm_precision=float32")
         check(0 <= self.fm_sigma_min < 1, f"train.fm_sigma_min must be in [0, 1) (got {self.fm_sigma_min})")
         check(self.val_examples is None or self.val_examples > 0,
               f"train.val_examples must be positive or null (got {self.val_examples})")

@@ -94,8 +94,9 @@ class FlowMatching:
     """
 
     def __init__(self, regularization: RegularizationConfig, *, sigma_min: float = 0.0,
-                 coupling: str = "independent") -> None:
+                 coupling: str = "independent", precision: str = "float32") -> None:
         self.weights, self.sigma_min, self.coupling = regularization, sigma_min, coupling
+        self.precision = precision
 
     def regression_loss(self, model: Flow, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The flow-matching regression loss of a preprocessed batch ``x`` (base draws
@@ -107,7 +108,9 @@ class FlowMatching:
             z = z[minibatch_ot_coupling(x, z)]
         t = sample_times(len(x), end_time, generator=generator, dtype=x.dtype, device=x.device)
         path = StraightPath(end_time, self.sigma_min)
-        return flow_matching_loss(block.field, x, z, t, path=path, weights=block.solve_weights())
+        weights = block.solve_weights()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            return flow_matching_loss(block.field, x, z, t, path=path, weights=weights)
 
     def __call__(self, step_model: Callable[[Tensor], FlowTrace], model: Flow, data: DataSource,
                  x: Tensor) -> BatchLoss:
@@ -123,5 +126,6 @@ class FlowMatching:
 def make_objective(train: TrainConfig, regularization: RegularizationConfig) -> Objective:
     """The objective that ``train.objective`` names."""
     if train.objective == "flow_matching":
-        return FlowMatching(regularization, sigma_min=train.fm_sigma_min, coupling=train.fm_coupling)
+        return FlowMatching(regularization, sigma_min=train.fm_sigma_min, coupling=train.fm_coupling,
+                            precision=train.fm_precision)
     return Likelihood(regularization)

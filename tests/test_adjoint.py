@@ -134,3 +134,30 @@ def test_a_field_cut_off_from_its_input_gets_finite_gradients(adjoint):
     out.z.pow(2).sum().backward()
     grads = {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
     assert grads and all(torch.isfinite(g).all() for g in grads.values()), grads
+
+
+def test_direct_backprop_holds_the_step_sizes_fixed(float64):
+    """Backpropagating through the solver (``adjoint: false``) differentiates the steps
+    taken, not the controller's choice of their sizes: with constant integration times,
+    no stage time the field sees carries a gradient, as in the adjoint method."""
+    torch.manual_seed(0)
+    field = MLPField(2, [8], layer_type="concatsquash", nonlinearity="tanh")
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = field
+
+        def forward(self, t, z, tangents=None, weights=None):
+            seen.append(t.requires_grad)
+            return self.inner(t, z, tangents, weights)
+
+    recording = Recording()
+    recording.event_shape = field.event_shape
+    recording.masked_weights = field.masked_weights
+    block = CNFBlock(recording, end_time=0.5, divergence=Exact(), solver=Solver(rtol=1e-6, atol=1e-6))
+    out = block(torch.randn(8, 2))
+    out.z.pow(2).sum().backward()
+    assert len(seen) > 10 and not any(seen)
+    assert all(torch.isfinite(p.grad).all() for p in field.parameters() if p.grad is not None)

@@ -21,6 +21,13 @@ def test_activation_derivative_matches_autograd(name, float64):
     torch.testing.assert_close(slope, grad)
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_value_is_the_forward_without_the_derivative(name, float64):
+    act = make_activation(name)
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(act.value(x), act(x)[0])
+
+
 def test_swish_parameters_are_not_shared():
     field = MLPField(2, [4, 4, 4], nonlinearity="swish")
     betas = [m.beta for m in field.activations]

@@ -134,7 +134,8 @@ def test_ot_coupling_is_the_exact_optimum_on_a_small_batch(float64):
 # --- the loss --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", [MLPField(2, [8, 8]), ConvField((1, 4, 4), [4], layer_type="concatsquash")])
+@pytest.mark.parametrize("field", [MLPField(2, [8, 8]), ConvField((1, 4, 4), [4], layer_type="concatsquash"),
+                                   ConvField((2, 4, 4), [4], layer_type="concat")])
 def test_evaluate_field_uses_one_time_per_example(field, float64):
     field = field.double()
     x, t = torch.randn(5, *field.event_shape), torch.rand(5)

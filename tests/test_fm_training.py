@@ -46,6 +46,8 @@ def test_a_flow_matching_run_logs_its_loss_and_validation_r_and_nfe(tmp_path, ca
     (["model.field_type=unet"], "model.field_type 'unet' is an image field"),
     (["train.fm_coupling=sinkhorn"], "unknown train.fm_coupling 'sinkhorn'; valid: independent, ot"),
     (["train.objective=score_matching"], "unknown train.objective 'score_matching'; valid: likelihood, flow_matching"),
+    (["train.fm_precision=float16"], "unknown train.fm_precision 'float16'; valid: float32, bfloat16"),
+    (["train.objective=likelihood", "train.fm_precision=bfloat16"], "applies to train.objective flow_matching only"),
 ])
 def test_what_flow_matching_cannot_train_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,6 +62,29 @@ def test_the_unet_image_flow_trains_by_flow_matching(tmp_path, capsys):
                        "train.batch_size=8"]) == 0
     assert "bits_per_dim" in capsys.readouterr().out
     assert scalar_events(run, "val/bits_per_dim")
+
+
+def test_bfloat16_regression_step_is_the_float32_loss_to_bfloat16_rounding():
+    """``train.fm_precision: bfloat16`` autocasts the field (convolutions and products in
+    bfloat16) and keeps the loss, weights and gradients in float32."""
+    config = load_config("configs/toy_fm.yaml", [
+        "data.name=synthetic8", "model.field_type=unet", "model.unet_channels=[8,8]", "model.nonlinearity=swish",
+        "model.divergence=hutchinson", "data.val_size=20", "data.test_size=20", "train.batch_size=16"])
+    torch.manual_seed(0)
+    data = make_data(config.data, config.seed)
+    model = build_model(config, data.event_shape)
+    x, _ = data.preprocess(data.train_batch(16))
+    losses, grads = {}, {}
+    for precision in ("float32", "bfloat16"):
+        objective = FlowMatching(config.regularization, precision=precision)
+        loss = objective.regression_loss(model, x, torch.Generator().manual_seed(1))
+        assert loss.dtype == torch.float32
+        grads[precision] = torch.autograd.grad(loss, model.blocks[0].field.input.weight)[0]
+        losses[precision] = float(loss.detach())
+    assert losses["bfloat16"] != losses["float32"]  # the field did run in bfloat16
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=3e-2)
+    cosine = torch.nn.functional.cosine_similarity(grads["bfloat16"].flatten(), grads["float32"].flatten(), dim=0)
+    assert cosine > 0.99
 
 
 def test_flow_matching_pruning_scores_use_the_regression_loss():

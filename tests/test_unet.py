@@ -74,6 +74,15 @@ def test_group_norm_matches_torch_and_its_tangent_map_matches_autograd(float64):
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 3, norm.weight, norm.bias))
     _, expected = torch.autograd.functional.jvp(lambda u: norm(u, None)[0], x, v)
     torch.testing.assert_close(jv[:, 0], expected)
+    torch.testing.assert_close(norm(x, None)[0], y)  # the fused path without tangents
+
+
+@pytest.mark.parametrize("nonlinearity", ["swish", "tanh"])
+def test_the_field_without_tangents_is_the_field_with_them(nonlinearity, float64):
+    field = tiny(nonlinearity=nonlinearity).double()
+    z, v, t = torch.randn(3, *SHAPE), torch.randn(3, 2, *SHAPE), torch.rand(3)
+    f, _ = field(t, z, v)
+    torch.testing.assert_close(field(t, z)[0], f)
 
 
 def test_examples_do_not_interact():
