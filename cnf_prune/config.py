@@ -63,6 +63,9 @@ class TrainConfig:
     # torch CPU threads (null: 1 for the 2-D toy sets, whose small field runs fastest on
     # one thread, torch's default otherwise); see docs/performance.md
     threads: int | None = None
+    # Compile each block's vector field with torch.compile (inductor): the first steps
+    # and the first validation pay the compile time; see docs/performance.md
+    compile: bool = False
     # What a batch's loss is: "likelihood" (FFJORD: the NLL through an ODE solve, plus
     # penalties) or "flow_matching" (regression on a straight conditional path, no solve;
     # fm_sigma_min: the path's σ_min; fm_coupling: "independent" or "ot", minibatch
