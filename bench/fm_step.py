@@ -1,6 +1,8 @@
-"""Benchmark: one flow-matching training step in float32 and in bfloat16 (train.fm_precision).
+"""Benchmark: one flow-matching training step in float32 and in bfloat16 (train.fm_precision),
+eager and compiled (train.compile).
 
-    .venv/bin/python bench/fm_step.py [CONFIG] [--steps 10] [--warmup 3] [--rounds 2] [--set KEY=VALUE ...]
+    .venv/bin/python bench/fm_step.py [CONFIG] [--steps 10] [--warmup 3] [--rounds 2] [--compile]
+        [--set KEY=VALUE ...]
 
 Builds the config's model as ``train.py`` does (default ``configs/mnist_fm_cpu.yaml``;
 its data set must be under ``data.root``, see the README) and times the regression
@@ -8,6 +10,9 @@ step on preprocessed training batches (dequantized and logit-transformed images)
 precision, alternating between them for ``--rounds`` rounds (the same model state,
 base draws and times each round), so that both see the same machine load. Prints the
 seconds per step of each precision, their ratio and the loss of the first batch.
+With ``--compile`` it then compiles the field in place (as ``train.compile: true``
+does) and times both precisions again, printing the first (compiling) step's time
+separately and the number of steps after which compiling has paid for itself.
 """
 
 from __future__ import annotations
@@ -76,6 +81,19 @@ def run(args: argparse.Namespace) -> int:
     best = {p: min(v) for p, v in results.items()}
     print(f"best of {args.rounds}: float32 {best['float32']:.3f} s/step, bfloat16 {best['bfloat16']:.3f} s/step, "
           f"bfloat16/float32 {best['bfloat16'] / best['float32']:.2f}x")
+    if args.compile:
+        model.blocks[0].field.compile()
+        for precision in PRECISIONS:
+            objective = FlowMatching(config.regularization, sigma_min=config.train.fm_sigma_min,
+                                     coupling=config.train.fm_coupling, precision=precision)
+            start = time.perf_counter()
+            time_steps(model, state, objective, batches[:1], config.train.lr, 0)
+            first = time.perf_counter() - start
+            seconds, _ = time_steps(model, state, objective, batches, config.train.lr, args.warmup)
+            saved = best[precision] - seconds
+            even = f"{(first - seconds) / saved:.0f} steps" if saved > 0 else "never"
+            print(f"compiled {precision:9s} {seconds:.3f} s/step ({best[precision] / seconds:.2f}x eager); "
+                  f"first step with compilation {first:.1f} s; pays for itself after {even}", flush=True)
     return 0
 
 
@@ -85,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled field")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     return report_user_errors(run, parser.parse_args(argv))
 
