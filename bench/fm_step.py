@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import os
 import platform
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnf_prune.build import build_model  # noqa: E402
 from cnf_prune.commands import report_user_errors  # noqa: E402
 from cnf_prune.config import load_config  # noqa: E402
-from cnf_prune.objectives import FlowMatching  # noqa: E402
+from cnf_prune.objectives import FlowMatching, make_objective  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import ConfigError  # noqa: E402
 
@@ -57,6 +58,11 @@ def time_steps(model, state, objective: FlowMatching, batches, lr: float, warmup
     return sum(seconds) / len(seconds), first
 
 
+def objective_for(config, precision: str) -> FlowMatching:
+    """The config's flow-matching objective at ``precision``, as the trainer builds it."""
+    return make_objective(dataclasses.replace(config.train, fm_precision=precision), config.regularization)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         raise ConfigError("--steps and --rounds must be positive and --warmup at least 0")
@@ -73,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, list[float]] = {p: [] for p in PRECISIONS}
     for round_ in range(args.rounds):
         for precision in PRECISIONS:
-            objective = FlowMatching(config.regularization, sigma_min=config.train.fm_sigma_min,
-                                     coupling=config.train.fm_coupling, precision=precision)
+            objective = objective_for(config, precision)
             seconds, loss = time_steps(model, state, objective, batches, config.train.lr, args.warmup)
             results[precision].append(seconds)
             print(f"round {round_}: {precision:9s} {seconds:.3f} s/step (first batch loss {loss:.3f})", flush=True)
@@ -84,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         model.blocks[0].field.compile()
         for precision in PRECISIONS:
-            objective = FlowMatching(config.regularization, sigma_min=config.train.fm_sigma_min,
-                                     coupling=config.train.fm_coupling, precision=precision)
+            objective = objective_for(config, precision)
             start = time.perf_counter()
             time_steps(model, state, objective, batches[:1], config.train.lr, 0)
             first = time.perf_counter() - start

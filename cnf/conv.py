@@ -26,12 +26,6 @@ from cnf.errors import ConfigError
 from cnf.fields import LayeredField
 
 
-# Convolve in the channels-last layout on CPUs (see TimeConv2d._conv); the values are
-# the same up to floating-point rounding. A module-level switch so that benchmarks
-# can time both layouts in one process.
-CPU_CHANNELS_LAST = True
-
-
 class TimeConv2d(nn.Module):
     """Base class of time-conditioned 2-D convolutions (stride 1, "same" padding).
 
@@ -59,7 +53,7 @@ class TimeConv2d(nn.Module):
         return self.weight * self.weight_mask
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if x.device.type == "cpu" and CPU_CHANNELS_LAST:
+        if x.device.type == "cpu":
             # oneDNN's CPU convolutions and their backward passes run faster on
             # channels-last (NHWC) tensors; the output stays channels-last, and the
             # nonlinearities and tangent products after it keep that layout.
