@@ -52,14 +52,17 @@ class TimeConv2d(nn.Module):
     def masked_weight(self) -> Tensor:
         return self.weight * self.weight_mask
 
+    @staticmethod
+    def _layout(x: Tensor) -> Tensor:
+        # oneDNN's CPU convolutions and their backward passes run faster on
+        # channels-last (NHWC) tensors; the output stays channels-last, and the
+        # nonlinearities and tangent products after it keep that layout.
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if x.device.type == "cpu":
-            # oneDNN's CPU convolutions and their backward passes run faster on
-            # channels-last (NHWC) tensors; the output stays channels-last, and the
-            # nonlinearities and tangent products after it keep that layout.
-            x = x.contiguous(memory_format=torch.channels_last)
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, weight, bias, padding=self.padding)
+        if x.device.type == "cpu" and x.shape[1] == 1:
+            return _conv_one_channel(x, weight, bias, self.padding)
+        return F.conv2d(self._layout(x), self._layout(weight), bias, padding=self.padding)
 
     def _tangents(self, v: Tensor | None, weight: Tensor) -> Tensor | None:
         """``W * v`` for tangents of shape ``(B, K, in, H, W)`` -> ``(B, K, out, H, W)``."""
@@ -83,8 +86,8 @@ class ConcatConv2d(TimeConv2d):
         nn.init.uniform_(self.time_weight, -bound, bound)
 
     def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        ones = x.new_ones(1, 1, *x.shape[2:])
-        y = self._conv(x, weight, self.bias) + _per_example(t) * self._conv(ones, self.time_weight)
+        time_map = self._conv(x.new_ones(1, 1, *x.shape[2:]), self.time_weight)
+        y = _add_time_map(self._conv(x, weight, self.bias), _per_example(t), time_map)
         return y, self._tangents(v, weight)
 
 
@@ -106,6 +109,37 @@ class ConcatSquashConv2d(TimeConv2d):
         y = self._conv(x, weight, self.bias) * gate + t * self.time_bias.view(-1, 1, 1)
         jv = self._tangents(v, weight)
         return y, (None if jv is None else jv * gate.unsqueeze(-4))
+
+
+def _conv_one_channel(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """The convolution of a one-channel input as a matrix product of its
+    ``k x k`` patches with the kernels; the result is channels-last.
+
+    On a CPU, oneDNN handles one input channel badly (its backward pass takes
+    several times as long as this product's, and its output comes back in the
+    channels-first layout that the next layer must then copy).
+    """
+    b, _, h, w = x.shape
+    k = weight.shape[-1]
+    patches = F.unfold(x, k, padding=padding).transpose(1, 2).reshape(b * h * w, k * k)
+    kernels = weight.reshape(weight.shape[0], k * k).t()
+    out = patches @ kernels if bias is None else torch.addmm(bias, patches, kernels)
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _add_time_map(y: Tensor, t: Tensor, time_map: Tensor) -> Tensor:
+    """``y + t * time_map`` for ``y`` of shape ``(B, C, H, W)`` and a map of shape
+    ``(1, C, H, W)``, in the order of ``y``'s memory.
+
+    The backward pass sums the gradient over the batch. For a channels-last
+    ``y``, torch sums over the batch dimension of the ``(B, C, H, W)`` view
+    about 50 times slower than over the same numbers viewed as ``(B, H, W, C)``,
+    so a channels-last ``y`` is added in that view.
+    """
+    if y.is_contiguous() or not y.is_contiguous(memory_format=torch.channels_last):
+        return y + t * time_map
+    nhwc = (0, 2, 3, 1)
+    return (y.permute(nhwc) + t * time_map.permute(nhwc)).permute(0, 3, 1, 2)
 
 
 def _per_example(t: Tensor) -> Tensor:

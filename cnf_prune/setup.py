@@ -55,7 +55,7 @@ def prepare_model(config: Config, ctx: distributed.Context, *, fresh: bool) -> t
     if config.train.compile:
         phase("compiling the vector fields with torch.compile (the first steps include the compile time) ...", ctx)
         for block in model.blocks:
-            block.field.compile()  # in place: parameter names and checkpoints are unchanged
+            block.field.compile(dynamic=False)  # in place: parameter names and checkpoints are unchanged
     return data, model
 
 

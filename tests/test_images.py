@@ -65,30 +65,38 @@ def test_scale_shapes_follow_ffjord():
 # --- conv layers and field -------------------------------------------------------
 
 
-def test_concat_conv_equals_a_conv_over_a_time_channel(float64):
+@pytest.mark.parametrize("channels", [1, 3])  # one input channel takes the patch-product path on a CPU
+@pytest.mark.parametrize("per_example", [False, True])
+def test_concat_conv_and_its_gradients_equal_a_conv_over_a_time_channel(channels, per_example, float64):
     torch.manual_seed(0)
-    layer = ConcatConv2d(3, 4)
-    x, t = torch.randn(2, 3, 5, 6), torch.tensor(0.7)
+    layer = ConcatConv2d(channels, 4)
+    x = torch.randn(2, channels, 5, 6, requires_grad=True)
+    t = torch.tensor([0.7, -0.2]) if per_example else torch.tensor(0.7)
     y, _ = layer(t, x, None, layer.weight)
-    tx = torch.cat([torch.full((2, 1, 5, 6), 0.7), x], 1)
+    tx = torch.cat([t.view(-1, 1, 1, 1).expand(2, 1, 5, 6), x], 1)
     expected = F.conv2d(tx, torch.cat([layer.time_weight, layer.weight], 1), layer.bias, padding=1)
     torch.testing.assert_close(y, expected)
+    grad_out = torch.randn_like(y)
+    inputs = (x, layer.weight, layer.time_weight, layer.bias)
+    torch.testing.assert_close(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out))
 
 
 @pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
 @pytest.mark.parametrize("nonlinearity", ["softplus", "tanh", "swish"])
-def test_conv_field_jacobian_and_divergence_match_autograd(layer_type, nonlinearity, float64):
+@pytest.mark.parametrize("channels", [1, 2])
+def test_conv_field_jacobian_and_divergence_match_autograd(layer_type, nonlinearity, channels, float64):
     torch.manual_seed(0)
-    field = ConvField((2, 3, 3), [4, 5], layer_type=layer_type, nonlinearity=nonlinearity)
-    z, t = torch.randn(3, 2, 3, 3), torch.tensor(0.37)
+    field = ConvField((channels, 3, 3), [4, 5], layer_type=layer_type, nonlinearity=nonlinearity)
+    z, t = torch.randn(3, channels, 3, 3), torch.tensor(0.37)
+    d = z[0].numel()
     est = Exact()
     v = est.tangents(z)
     f, jv = field(t, z, v)
     div, fro_sq = est.reduce(v, jv)
     torch.testing.assert_close(f, field(t, z)[0])
     for i in range(len(z)):
-        jac = torch.autograd.functional.jacobian(lambda y: field(t, y[None])[0][0], z[i]).reshape(18, 18)
-        torch.testing.assert_close(jv[i].reshape(18, 18).T, jac)  # row k of jv is J e_k
+        jac = torch.autograd.functional.jacobian(lambda y: field(t, y[None])[0][0], z[i]).reshape(d, d)
+        torch.testing.assert_close(jv[i].reshape(d, d).T, jac)  # row k of jv is J e_k
         torch.testing.assert_close(div[i], jac.trace())
         torch.testing.assert_close(fro_sq[i], jac.pow(2).sum())
 
