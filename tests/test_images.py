@@ -468,6 +468,25 @@ SMOKE = {
 }
 
 
+@pytest.mark.slow
+def test_compiling_a_multiscale_flow_compiles_every_block(tmp_path):
+    """With ``train.compile``, each block's field is compiled for each of its shapes and
+    grad modes (training with the adjoint, validation, test): more graphs than dynamo's
+    default limit of 8 per function, so none may fall back to uncompiled code."""
+    import torch._dynamo.utils
+
+    config = {**SMOKE, "solver": {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint": True},
+              "train": {**SMOKE["train"], "iterations": 2, "compile": True}}
+    path = tmp_path / "compiled.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert train.main([str(path), "--out", str(tmp_path / "run")]) == 0
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] > 8 and frames["total"] == frames["ok"]
+    assert not any("recompile limit" in reason for reason in torch._dynamo.utils.counters["unimplemented"])
+
+
 def test_train_checkpoint_and_sample_on_synthetic_images(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
