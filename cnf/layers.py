@@ -77,9 +77,13 @@ class ConcatSquashLinear(TimeLinear):
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         g = self._gate(t)
-        # fused products (addmm, addcmul): fewer autograd nodes, which is what a small field's step costs
-        y = torch.addcmul(t * self.time_bias, torch.addmm(self.bias, x, weight.T), g)
-        return y, (None if v is None else (v @ weight.T) * g)
+        # The gate scales whole output rows, so it is folded into the weight and bias:
+        # (W x + b) ⊙ g = (g ⊙ W) x + g ⊙ b. The batch-sized tensors then see only the
+        # two products, and the backward pass no longer sums gate gradients over the
+        # batch: fewer and smaller operations, which is what a small field's step costs.
+        gated = weight * g.unsqueeze(-1)
+        y = torch.addmm(torch.addcmul(t * self.time_bias, self.bias, g), x, gated.T)
+        return y, (None if v is None else v @ gated.T)
 
 
 LAYERS: dict[str, type[TimeLinear]] = {
