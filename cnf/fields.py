@@ -92,8 +92,12 @@ class MLPField(LayeredField):
     layers (``layer_type``: ``concat`` or ``concatsquash``) and a nonlinearity after
     every layer but the last, each layer with its own activation module.
 
+    ``t`` may be one time for the batch or ``(B,)``, one per example.
+
     References: FFJORD, Grathwohl et al. 2019.
     """
+
+    per_example_time = True
 
     def __init__(
         self,

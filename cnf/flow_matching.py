@@ -135,11 +135,10 @@ def evaluate_field(
 ) -> Tensor:
     """``f(t_i, x_i)`` for every example, shape ``(B, *event)``, with ``t`` of shape ``(B,)``.
 
-    Fields that take one time per example (``field.per_example_time``, the U-Net) are
-    called once on the batch; the others take one time for the whole batch and are
-    called once per example under ``torch.func.vmap`` (one batched call in effect).
-    ``weights`` are the
-    effective prunable weights (``weight * mask * gate``, see
+    Fields that take one time per example (``field.per_example_time``: the MLP, conv
+    and U-Net fields) are called once on the batch; the others take one time for the
+    whole batch and are called once per example under ``torch.func.vmap`` (one batched
+    call in effect). ``weights`` are the effective prunable weights (``weight * mask * gate``, see
     :meth:`cnf.odeblock.CNFBlock.solve_weights`); default: ``field.masked_weights()``.
     """
     if weights is None:

@@ -26,6 +26,7 @@ class TimeLinear(nn.Module):
     Subclasses implement ``forward(t, x, v, weight) -> (y, J v)``: ``x`` has shape
     ``(B, in)``, the optional tangents ``v`` have shape ``(B, K, in)`` and ``J v``
     is the layer's Jacobian ``∂y/∂x`` applied to each of them, shape ``(B, K, out)``.
+    ``t`` is one time for the batch (shape ``()``) or one per example (``(B,)``).
     """
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
@@ -55,7 +56,7 @@ class ConcatLinear(TimeLinear):
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         # fused products (addmm, addcmul): fewer autograd nodes, which is what a small field's step costs
-        y = torch.addmm(torch.addcmul(self.bias, t, self.time_weight), x, weight.T)
+        y = torch.addmm(torch.addcmul(self.bias, _per_example(t), self.time_weight), x, weight.T)
         return y, (None if v is None else v @ weight.T)
 
 
@@ -76,14 +77,26 @@ class ConcatSquashLinear(TimeLinear):
     def forward(
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor | None]:
+        if t.dim() > 0:  # one time per example: a gate per example, shape (B, out)
+            t = _per_example(t)
+            g = self._gate(t)
+            y = torch.addcmul(t * self.time_bias, torch.addmm(self.bias, x, weight.T), g)
+            return y, (None if v is None else (v @ weight.T) * g.unsqueeze(1))
         g = self._gate(t)
-        # The gate scales whole output rows, so it is folded into the weight and bias:
-        # (W x + b) ⊙ g = (g ⊙ W) x + g ⊙ b. The batch-sized tensors then see only the
-        # two products, and the backward pass no longer sums gate gradients over the
-        # batch: fewer and smaller operations, which is what a small field's step costs.
+        # One time for the batch: the gate scales whole output rows, so it is folded into
+        # the weight and bias, (W x + b) ⊙ g = (g ⊙ W) x + g ⊙ b. The batch-sized tensors
+        # then see only the two products, and the backward pass no longer sums gate
+        # gradients over the batch: fewer and smaller operations, which is what a small
+        # field's step costs.
         gated = weight * g.unsqueeze(-1)
         y = torch.addmm(torch.addcmul(t * self.time_bias, self.bias, g), x, gated.T)
         return y, (None if v is None else v @ gated.T)
+
+
+def _per_example(t: Tensor) -> Tensor:
+    """One time for the batch (shape ``()``) as it is; times of shape ``(B,)`` as
+    ``(B, 1)``, to broadcast against ``(B, out)``."""
+    return t if t.dim() == 0 else t.unsqueeze(-1)
 
 
 LAYERS: dict[str, type[TimeLinear]] = {

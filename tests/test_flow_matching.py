@@ -134,13 +134,31 @@ def test_ot_coupling_is_the_exact_optimum_on_a_small_batch(float64):
 # --- the loss --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", [MLPField(2, [8, 8]), ConvField((1, 4, 4), [4], layer_type="concatsquash"),
-                                   ConvField((2, 4, 4), [4], layer_type="concat")])
+PER_EXAMPLE_FIELDS = [MLPField(2, [8, 8]), MLPField(3, [8], layer_type="concat"),
+                      ConvField((1, 4, 4), [4], layer_type="concatsquash"), ConvField((2, 4, 4), [4], layer_type="concat")]
+
+
+@pytest.mark.parametrize("field", PER_EXAMPLE_FIELDS)
 def test_evaluate_field_uses_one_time_per_example(field, float64):
     field = field.double()
     x, t = torch.randn(5, *field.event_shape), torch.rand(5)
     loop = torch.stack([field(t[i], x[i : i + 1])[0][0] for i in range(5)])
     torch.testing.assert_close(evaluate_field(field, t, x), loop)
+
+
+@pytest.mark.parametrize("field", PER_EXAMPLE_FIELDS)
+def test_fields_with_one_time_per_example_give_each_examples_jacobian_products(field, float64):
+    """Values and ``J v`` with times of shape ``(B,)`` equal those of one call per example
+    (the one-time path folds the concatsquash gate into the weights; this one cannot)."""
+    field = field.double()
+    assert field.per_example_time
+    x, t = torch.randn(4, *field.event_shape), torch.rand(4)
+    v = torch.randn(4, 2, *field.event_shape)
+    f, jv = field(t, x, v)
+    for i in range(4):
+        fi, jvi = field(t[i], x[i : i + 1], v[i : i + 1])
+        torch.testing.assert_close(f[i], fi[0])
+        torch.testing.assert_close(jv[i], jvi[0])
 
 
 def test_loss_sums_over_dimensions_and_averages_over_the_batch(float64):
