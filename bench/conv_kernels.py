@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import cpu_model  # noqa: E402
+from bench.machine import cpu_model  # noqa: E402
 from cnf.conv import _conv_one_channel  # noqa: E402  (the patch product the layers use)
 
 CL = torch.channels_last

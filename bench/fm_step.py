@@ -10,7 +10,7 @@ step on preprocessed training batches (dequantized and logit-transformed images)
 precision, alternating between them for ``--rounds`` rounds (the same model state,
 base draws and times each round), so that both see the same machine load. Prints the
 seconds per step of each precision, their ratio and the loss of the first batch.
-With ``--compile`` it then compiles the field in place (as ``train.compile: true``
+With ``--compile`` it then compiles the fields in place (as ``train.compile: true``
 does) and times both precisions again, printing the first (compiling) step's time
 separately and the number of steps after which compiling has paid for itself.
 """
@@ -35,6 +35,7 @@ from cnf_prune.build import build_model  # noqa: E402
 from cnf_prune.commands import report_user_errors  # noqa: E402
 from cnf_prune.config import load_config  # noqa: E402
 from cnf_prune.objectives import FlowMatching, make_objective  # noqa: E402
+from cnf_prune.setup import compile_fields  # noqa: E402
 from cnf.data import make_data  # noqa: E402
 from cnf.errors import ConfigError  # noqa: E402
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"best of {args.rounds}: float32 {best['float32']:.3f} s/step, bfloat16 {best['bfloat16']:.3f} s/step, "
           f"bfloat16/float32 {best['bfloat16'] / best['float32']:.2f}x")
     if args.compile:
-        model.blocks[0].field.compile()
+        compile_fields(model)
         for precision in PRECISIONS:
             objective = objective_for(config, precision)
             start = time.perf_counter()

@@ -11,8 +11,6 @@ validation, checkpoints, NaN skipping) is left out.
 from __future__ import annotations
 
 import math
-import os
-import platform
 
 import torch
 
@@ -44,12 +42,3 @@ def training_step(model, data, optimizer, ema, config, x: torch.Tensor, step: in
         ema.update(model)
     return batch.nll, batch.trace
 
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` and the core count, for benchmark headers."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"

@@ -55,6 +55,9 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.machine import cpu_model  # noqa: E402  (standard library only)
+
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 FFJORD_MNIST = ["--data", "mnist", "--dims", "64,64,64", "--strides", "1,1,1,1", "--num_blocks", "2",
                 "--layer_type", "concat", "--multiscale", "True", "--rademacher", "True"]
@@ -266,14 +269,9 @@ def machine() -> str:
     import torch
     import torchdiffeq
 
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {cpu}, {os.cpu_count()} cores; "
+    return (f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {cpu_model()}; "
             f"{platform.platform()}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"torchdiffeq {torchdiffeq.__version__}; OMP_NUM_THREADS={threads} (each side: torch's default threads); "
             f"load average {load}")

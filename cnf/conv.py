@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from cnf.activations import make_activation
 from cnf.errors import ConfigError
 from cnf.fields import LayeredField
+from cnf.layers import per_example
 
 
 class TimeConv2d(nn.Module):
@@ -56,7 +57,8 @@ class TimeConv2d(nn.Module):
     def _layout(x: Tensor) -> Tensor:
         # oneDNN's CPU convolutions and their backward passes run faster on
         # channels-last (NHWC) tensors; the output stays channels-last, and the
-        # nonlinearities and tangent products after it keep that layout.
+        # nonlinearities and tangent products after it keep that layout. A tensor
+        # already in that layout is returned as it is.
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -86,8 +88,9 @@ class ConcatConv2d(TimeConv2d):
         nn.init.uniform_(self.time_weight, -bound, bound)
 
     def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        weight = self._layout(weight)  # once for both convolutions below
         time_map = self._conv(x.new_ones(1, 1, *x.shape[2:]), self.time_weight)
-        y = _add_time_map(self._conv(x, weight, self.bias), _per_example(t), time_map)
+        y = _add_time_map(self._conv(x, weight, self.bias), per_example(t, 3), time_map)
         return y, self._tangents(v, weight)
 
 
@@ -104,7 +107,8 @@ class ConcatSquashConv2d(TimeConv2d):
             nn.init.uniform_(p, -1.0, 1.0)
 
     def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        t = _per_example(t)  # () or (B, 1, 1, 1)
+        t = per_example(t, 3)  # () or (B, 1, 1, 1)
+        weight = self._layout(weight)  # once for both convolutions below
         gate = torch.sigmoid(t * self.gate_weight.view(-1, 1, 1) + self.gate_bias.view(-1, 1, 1))
         y = self._conv(x, weight, self.bias) * gate + t * self.time_bias.view(-1, 1, 1)
         jv = self._tangents(v, weight)
@@ -140,12 +144,6 @@ def _add_time_map(y: Tensor, t: Tensor, time_map: Tensor) -> Tensor:
         return y + t * time_map
     nhwc = (0, 2, 3, 1)
     return (y.permute(nhwc) + t * time_map.permute(nhwc)).permute(0, 3, 1, 2)
-
-
-def _per_example(t: Tensor) -> Tensor:
-    """One time for the batch (shape ``()``) as it is; times of shape ``(B,)`` as
-    ``(B, 1, 1, 1)``, to broadcast against ``(B, C, H, W)``."""
-    return t if t.dim() == 0 else t.view(-1, 1, 1, 1)
 
 
 CONV_LAYERS: dict[str, type[TimeConv2d]] = {

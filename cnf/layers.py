@@ -56,7 +56,7 @@ class ConcatLinear(TimeLinear):
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         # fused products (addmm, addcmul): fewer autograd nodes, which is what a small field's step costs
-        y = torch.addmm(torch.addcmul(self.bias, _per_example(t), self.time_weight), x, weight.T)
+        y = torch.addmm(torch.addcmul(self.bias, per_example(t), self.time_weight), x, weight.T)
         return y, (None if v is None else v @ weight.T)
 
 
@@ -77,12 +77,11 @@ class ConcatSquashLinear(TimeLinear):
     def forward(
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor
     ) -> tuple[Tensor, Tensor | None]:
-        if t.dim() > 0:  # one time per example: a gate per example, shape (B, out)
-            t = _per_example(t)
-            g = self._gate(t)
+        t = per_example(t)
+        g = self._gate(t)  # (out,), or (B, out) with one time per example
+        if t.dim() > 0:
             y = torch.addcmul(t * self.time_bias, torch.addmm(self.bias, x, weight.T), g)
             return y, (None if v is None else (v @ weight.T) * g.unsqueeze(1))
-        g = self._gate(t)
         # One time for the batch: the gate scales whole output rows, so it is folded into
         # the weight and bias, (W x + b) ⊙ g = (g ⊙ W) x + g ⊙ b. The batch-sized tensors
         # then see only the two products, and the backward pass no longer sums gate
@@ -93,10 +92,10 @@ class ConcatSquashLinear(TimeLinear):
         return y, (None if v is None else v @ gated.T)
 
 
-def _per_example(t: Tensor) -> Tensor:
+def per_example(t: Tensor, event_dims: int = 1) -> Tensor:
     """One time for the batch (shape ``()``) as it is; times of shape ``(B,)`` as
-    ``(B, 1)``, to broadcast against ``(B, out)``."""
-    return t if t.dim() == 0 else t.unsqueeze(-1)
+    ``(B, 1, ..., 1)`` with ``event_dims`` ones, to broadcast against ``(B, *event)``."""
+    return t if t.dim() == 0 else t.view(-1, *(1,) * event_dims)
 
 
 LAYERS: dict[str, type[TimeLinear]] = {

@@ -54,14 +54,22 @@ def prepare_model(config: Config, ctx: distributed.Context, *, fresh: bool) -> t
             fit_base_at_init(model, data, config, ctx)
     if config.train.compile:
         phase("compiling the vector fields with torch.compile (the first steps include the compile time) ...", ctx)
-        # One compiled graph per input shape and grad mode (dynamic=False: shapes are
-        # few and fixed, and dynamic-shape kernels fail for some conv layouts), for every
-        # block's shape: raise dynamo's per-function limit (8) so that no block falls
-        # back to eager code.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.blocks))
-        for block in model.blocks:
-            block.field.compile(dynamic=False)  # in place: parameter names and checkpoints are unchanged
+        compile_fields(model)
     return data, model
+
+
+def compile_fields(model: Flow) -> None:
+    """Compile every block's vector field in place (``train.compile``): parameter names
+    and checkpoints are unchanged.
+
+    One compiled graph per input shape and grad mode (``dynamic=False``: the shapes are
+    few and fixed, and dynamic-shape kernels fail for some conv layouts), for every
+    block's shape; dynamo's per-function limit of 8 graphs is raised to cover them, so
+    that no block falls back to uncompiled code.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.blocks))
+    for block in model.blocks:
+        block.field.compile(dynamic=False)
 
 
 def scoring_loss(config: Config) -> Loss | None:
