@@ -15,7 +15,7 @@ its multiscale image model: 3x3 convolutions, stride 1, padding 1).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,16 @@ class TimeConv2d(nn.Module):
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if x.device.type == "cpu" and x.shape[1] == 1:
             return _conv_one_channel(x, weight, bias, self.padding)
+        if x.device.type == "cpu" and weight.shape[0] == 1:
+            return _conv_to_one_channel(self._layout(x), weight, bias, self.padding)
         return F.conv2d(self._layout(x), self._layout(weight), bias, padding=self.padding)
+
+    def solve_inputs(self, weight: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
+        """What the layer's evaluations in one solve read, computed once, keyed by
+        the name of the ``forward`` argument: the effective ``weight`` in the
+        layout the convolutions use (subclasses add parameter-only terms for
+        images of spatial ``size``)."""
+        return {"weight": self._layout(weight)}
 
     def _tangents(self, v: Tensor | None, weight: Tensor) -> Tensor | None:
         """``W * v`` for tangents of shape ``(B, K, in, H, W)`` -> ``(B, K, out, H, W)``."""
@@ -87,9 +96,21 @@ class ConcatConv2d(TimeConv2d):
         bound = 1.0 / math.sqrt((dim_in + 1) * kernel_size**2)
         nn.init.uniform_(self.time_weight, -bound, bound)
 
-    def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        weight = self._layout(weight)  # once for both convolutions below
-        time_map = self._conv(x.new_ones(1, 1, *x.shape[2:]), self.time_weight)
+    def time_map(self, size: Sequence[int]) -> Tensor:
+        """``K_t * 1`` on an image of spatial ``size``, shape ``(1, out, *size)``:
+        the time channel's contribution per unit of time, a function of the
+        parameters alone (computed once per solve by :meth:`solve_inputs`)."""
+        return self._conv(self.time_weight.new_ones(1, 1, *size), self.time_weight)
+
+    def solve_inputs(self, weight: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
+        return {**super().solve_inputs(weight, size), "time_map": self.time_map(size)}
+
+    def forward(
+        self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor, time_map: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        weight = self._layout(weight)  # once for both convolutions below (no copy if it already is)
+        if time_map is None:
+            time_map = self.time_map(x.shape[2:])
         y = _add_time_map(self._conv(x, weight, self.bias), per_example(t, 3), time_map)
         return y, self._tangents(v, weight)
 
@@ -129,6 +150,26 @@ def _conv_one_channel(x: Tensor, weight: Tensor, bias: Tensor | None, padding: i
     kernels = weight.reshape(weight.shape[0], k * k).t()
     out = patches @ kernels if bias is None else torch.addmm(bias, patches, kernels)
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _conv_to_one_channel(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """The convolution of a channels-last input with one output kernel, as one
+    matrix product of every pixel's channels with the ``k x k`` kernel taps
+    followed by ``F.fold``, which sums each tap's products into the output pixel
+    it contributes to; the result is ``(B, 1, H, W)``.
+
+    On a CPU, oneDNN computes a convolution to one channel about half as fast
+    as this, forward and backward (its cost is that of many output channels).
+    """
+    b, c, h, w = x.shape
+    k = weight.shape[-1]
+    # Pixel p contributes weight[..., i, j] * x[p] to output pixel p - (i, j) + padding;
+    # F.fold puts column (i', j') of pixel p's block at p + (i', j') - padding, so the
+    # kernel enters flipped: (i', j') = (k-1-i, k-1-j).
+    taps = weight.flip(-2, -1).reshape(c, k * k)
+    products = x.permute(0, 2, 3, 1).reshape(b * h * w, c) @ taps  # (B*H*W, k*k)
+    y = F.fold(products.view(b, h * w, k * k).transpose(1, 2), (h, w), k, padding=padding)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 def _add_time_map(y: Tensor, t: Tensor, time_map: Tensor) -> Tensor:
@@ -187,3 +228,11 @@ class ConvField(LayeredField):
             CONV_LAYERS[layer_type](a, b, kernel_size) for a, b in zip(channels[:-1], channels[1:])
         )
         self.activations = nn.ModuleList(make_activation(nonlinearity) for _ in hidden_channels)
+
+    def solve_inputs(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        size = self.event_shape[1:]
+        return {
+            f"layers.{i}.{name}": value
+            for i, layer in enumerate(self.layers)
+            for name, value in layer.solve_inputs(weights[f"layers.{i}.weight"], size).items()
+        }

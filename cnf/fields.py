@@ -51,6 +51,14 @@ class VectorField(nn.Module):
             if hasattr(module, "weight_mask")
         }
 
+    def solve_inputs(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What every evaluation of one solve reads, computed once per solve from the
+        effective prunable ``weights`` (keyed like :meth:`prunable_weights`) and the
+        parameters: by default the weights as they are. A field may convert them to
+        the layout its products use or add terms that depend on parameters alone
+        (under other keys); ``forward`` accepts the result as its ``weights``."""
+        return dict(weights)
+
 
 class LayeredField(VectorField):
     """A chain of time-conditioned layers with a nonlinearity between them.
@@ -58,6 +66,8 @@ class LayeredField(VectorField):
     Subclasses build ``self.layers`` (each ``layer(t, x, v, weight) -> (y, J·v)``)
     and ``self.activations`` (one per hidden layer); the forward pass and the
     chain rule for ``J·v`` are shared: ``J_l v = σ'(h_l) ⊙ (W_l J_{l-1} v)``.
+    ``weights`` may be the field's :meth:`solve_inputs`; an entry
+    ``layers.{i}.time_map`` is passed on to layer ``i``.
     """
 
     layers: nn.ModuleList
@@ -76,7 +86,9 @@ class LayeredField(VectorField):
         h, v = z, tangents
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h, v = layer(t, h, v, weights[f"layers.{i}.weight"])
+            time_map = weights.get(f"layers.{i}.time_map")  # per-solve term of some conv layers
+            w = weights[f"layers.{i}.weight"]
+            h, v = layer(t, h, v, w) if time_map is None else layer(t, h, v, w, time_map)
             if i < last and v is None:
                 h = self.activations[i].value(h)
             elif i < last:

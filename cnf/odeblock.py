@@ -147,6 +147,7 @@ class CNFBlock(nn.Module):
         penalties = density and self.training and (self.kinetic or self.jacobian_frobenius)
         field = self.field
         weights = self.solve_weights()
+        inputs = field.solve_inputs(weights)  # what every evaluation reads, computed once
         tangents = divergence.tangents(x) if density else None
         counter = NFECounter()
         t0, t1 = torch.zeros_like(self.end_time), self.end_time
@@ -159,7 +160,7 @@ class CNFBlock(nn.Module):
             counter.tick(t)
             if counter.solved and not start_time_grad:
                 t = t.detach()
-            f, jv = field(t, state[0], tangents, weights)
+            f, jv = field(t, state[0], tangents, inputs)
             if not density:
                 return (f,)
             div, fro_sq = divergence.reduce(tangents, jv)
@@ -173,7 +174,7 @@ class CNFBlock(nn.Module):
             state: tuple[Tensor, ...] = (x,)
         else:
             state = (x, zeros, zeros) + ((zeros, zeros) if penalties else ())
-        params = [*weights.values()] + [
+        params = [*inputs.values()] + [
             p for name, p in field.named_parameters() if name not in weights
         ]
         try:

@@ -156,6 +156,7 @@ def test_direct_backprop_holds_the_step_sizes_fixed(float64):
     recording = Recording()
     recording.event_shape = field.event_shape
     recording.masked_weights = field.masked_weights
+    recording.solve_inputs = field.solve_inputs
     block = CNFBlock(recording, end_time=0.5, divergence=Exact(), solver=Solver(rtol=1e-6, atol=1e-6))
     out = block(torch.randn(8, 2))
     out.z.pow(2).sum().backward()

@@ -81,6 +81,44 @@ def test_concat_conv_and_its_gradients_equal_a_conv_over_a_time_channel(channels
     torch.testing.assert_close(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out))
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+@pytest.mark.parametrize("channels_out", [1, 2])  # one output channel takes the fold path on a CPU
+def test_concat_conv_to_few_channels_and_its_gradients_equal_a_plain_conv(kernel_size, channels_out, float64):
+    torch.manual_seed(1)
+    layer = ConcatConv2d(3, channels_out, kernel_size)
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    v = torch.randn(2, 2, 3, 6, 5)
+    t = torch.tensor(0.3)
+    y, jv = layer(t, x, v, layer.weight)
+    tx = torch.cat([t.expand(2, 1, 6, 5), x], 1)
+    pad = kernel_size // 2
+    expected = F.conv2d(tx, torch.cat([layer.time_weight, layer.weight], 1), layer.bias, padding=pad)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(jv, F.conv2d(v.flatten(0, 1), layer.weight, padding=pad).unflatten(0, (2, 2)))
+    grad_out = torch.randn_like(y)
+    inputs = (x, layer.weight, layer.time_weight, layer.bias)
+    torch.testing.assert_close(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out))
+
+
+def test_conv_field_on_its_solve_inputs_equals_the_field_on_its_weights(float64):
+    # The per-solve inputs (weights in the conv layout, each concat layer's time map)
+    # change where terms are computed, not the field, its J v or any gradient.
+    torch.manual_seed(2)
+    field = ConvField((2, 5, 4), [4, 3])
+    z, t = torch.randn(3, 2, 5, 4), torch.tensor(0.6, requires_grad=True)
+    v = torch.randn(3, 1, 2, 5, 4)
+    weights = field.masked_weights()
+    inputs = field.solve_inputs(weights)
+    assert {k for k in inputs if k.endswith("time_map")} == {f"layers.{i}.time_map" for i in range(3)}
+    f0, jv0 = field(t, z, v, weights)
+    f1, jv1 = field(t, z, v, inputs)
+    torch.testing.assert_close((f1, jv1), (f0, jv0))
+    params = (t, *field.parameters())
+    g = (torch.randn_like(f0), torch.randn_like(jv0))
+    expected = torch.autograd.grad((f0, jv0), params, g, retain_graph=True)  # the weights are shared
+    torch.testing.assert_close(torch.autograd.grad((f1, jv1), params, g), expected)
+
+
 @pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
 @pytest.mark.parametrize("nonlinearity", ["softplus", "tanh", "swish"])
 @pytest.mark.parametrize("channels", [1, 2])

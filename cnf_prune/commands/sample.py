@@ -37,6 +37,7 @@ from cnf.data import make_data
 from cnf.flow import Flow
 from cnf.images import logit_inverse
 from cnf.toy import TOY_DATASETS
+from cnf_prune.allocator import keep_freed_memory
 from cnf_prune.build import compact_model, load_model
 from cnf_prune.config import Config
 from cnf_prune.distributed import resolve_device, use_tf32
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 def sample(args: argparse.Namespace) -> int:
     out = check_args(args)
     device = resolve_device(args.device, "--device", "--device cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # see cnf_prune.allocator
     model, config, _ = load_model(args.checkpoint, map_location=device, test_tolerance=args.tol)
     use_tf32(config.train.tf32)
     if args.compact:
