@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnf.activations import make_activation
+from cnf.conv_paired import paired_forward
 from cnf.errors import ConfigError
 from cnf.fields import LayeredField
 from cnf.layers import per_example
@@ -54,33 +55,35 @@ class TimeConv2d(nn.Module):
         return self.weight * self.weight_mask
 
     @staticmethod
-    def _layout(x: Tensor) -> Tensor:
-        # oneDNN's CPU convolutions and their backward passes run faster on
-        # channels-last (NHWC) tensors; the output stays channels-last, and the
-        # nonlinearities and tangent products after it keep that layout. A tensor
-        # already in that layout is returned as it is.
+    def layout(x: Tensor) -> Tensor:
+        """``x`` in the memory layout the layer's convolutions use: channels-last
+        (NHWC) on a CPU, where oneDNN's convolutions and their backward passes run
+        faster on it (outputs stay channels-last, and so do the nonlinearities and
+        tangent products after them); as it is elsewhere or if already so."""
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
-    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def convolve(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``weight * x + bias`` (stride 1, "same" padding), by the fastest of the
+        kernels below for the channel counts on a CPU."""
         if x.device.type == "cpu" and x.shape[1] == 1:
             return _conv_one_channel(x, weight, bias, self.padding)
         if x.device.type == "cpu" and weight.shape[0] == 1:
-            return _conv_to_one_channel(self._layout(x), weight, bias, self.padding)
-        return F.conv2d(self._layout(x), self._layout(weight), bias, padding=self.padding)
+            return _conv_to_one_channel(self.layout(x), weight, bias, self.padding)
+        return F.conv2d(self.layout(x), self.layout(weight), bias, padding=self.padding)
 
     def solve_inputs(self, weight: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
         """What the layer's evaluations in one solve read, computed once, keyed by
         the name of the ``forward`` argument: the effective ``weight`` in the
         layout the convolutions use (subclasses add parameter-only terms for
         images of spatial ``size``)."""
-        return {"weight": self._layout(weight)}
+        return {"weight": self.layout(weight)}
 
     def _tangents(self, v: Tensor | None, weight: Tensor) -> Tensor | None:
         """``W * v`` for tangents of shape ``(B, K, in, H, W)`` -> ``(B, K, out, H, W)``."""
         if v is None:
             return None
         b, k = v.shape[:2]
-        return self._conv(v.flatten(0, 1), weight).unflatten(0, (b, k))
+        return self.convolve(v.flatten(0, 1), weight).unflatten(0, (b, k))
 
 
 class ConcatConv2d(TimeConv2d):
@@ -100,7 +103,7 @@ class ConcatConv2d(TimeConv2d):
         """``K_t * 1`` on an image of spatial ``size``, shape ``(1, out, *size)``:
         the time channel's contribution per unit of time, a function of the
         parameters alone (computed once per solve by :meth:`solve_inputs`)."""
-        return self._conv(self.time_weight.new_ones(1, 1, *size), self.time_weight)
+        return self.convolve(self.time_weight.new_ones(1, 1, *size), self.time_weight)
 
     def solve_inputs(self, weight: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
         return {**super().solve_inputs(weight, size), "time_map": self.time_map(size)}
@@ -108,10 +111,10 @@ class ConcatConv2d(TimeConv2d):
     def forward(
         self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor, time_map: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        weight = self._layout(weight)  # once for both convolutions below (no copy if it already is)
+        weight = self.layout(weight)  # once for both convolutions below (no copy if it already is)
         if time_map is None:
             time_map = self.time_map(x.shape[2:])
-        y = _add_time_map(self._conv(x, weight, self.bias), per_example(t, 3), time_map)
+        y = _add_time_map(self.convolve(x, weight, self.bias), per_example(t, 3), time_map)
         return y, self._tangents(v, weight)
 
 
@@ -129,9 +132,9 @@ class ConcatSquashConv2d(TimeConv2d):
 
     def forward(self, t: Tensor, x: Tensor, v: Tensor | None, weight: Tensor) -> tuple[Tensor, Tensor | None]:
         t = per_example(t, 3)  # () or (B, 1, 1, 1)
-        weight = self._layout(weight)  # once for both convolutions below
+        weight = self.layout(weight)  # once for both convolutions below
         gate = torch.sigmoid(t * self.gate_weight.view(-1, 1, 1) + self.gate_bias.view(-1, 1, 1))
-        y = self._conv(x, weight, self.bias) * gate + t * self.time_bias.view(-1, 1, 1)
+        y = self.convolve(x, weight, self.bias) * gate + t * self.time_bias.view(-1, 1, 1)
         jv = self._tangents(v, weight)
         return y, (None if jv is None else jv * gate.unsqueeze(-4))
 
@@ -228,6 +231,7 @@ class ConvField(LayeredField):
             CONV_LAYERS[layer_type](a, b, kernel_size) for a, b in zip(channels[:-1], channels[1:])
         )
         self.activations = nn.ModuleList(make_activation(nonlinearity) for _ in hidden_channels)
+        self._pairs = layer_type == "concat" and nonlinearity == "softplus"
 
     def solve_inputs(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         size = self.event_shape[1:]
@@ -236,3 +240,18 @@ class ConvField(LayeredField):
             for i, layer in enumerate(self.layers)
             for name, value in layer.solve_inputs(weights[f"layers.{i}.weight"], size).items()
         }
+
+    def forward(
+        self,
+        t: Tensor,
+        z: Tensor,
+        tangents: Tensor | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(f, J·tangents)`` as :meth:`LayeredField.forward` computes them; on a CPU,
+        for concat layers with softplus, ``z`` and the tangents go through the layers
+        as one batch (:mod:`cnf.conv_paired`; not while torch.compile traces, which
+        fuses the layer-by-layer form itself)."""
+        if tangents is None or not self._pairs or z.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(t, z, tangents, weights)
+        return paired_forward(self.layers, t, z, tangents, self.masked_weights() if weights is None else weights)

@@ -16,6 +16,7 @@ from cnf_prune.config import DataConfig, load_config
 from cnf.conv import ConcatConv2d, ConvField
 from cnf.data import make_data
 from cnf.divergence import Exact
+from cnf.fields import LayeredField
 from cnf.errors import ConfigError, DataError
 from cnf_prune.evaluate import evaluate
 from cnf.base import standard_normal_log_prob
@@ -117,6 +118,38 @@ def test_conv_field_on_its_solve_inputs_equals_the_field_on_its_weights(float64)
     g = (torch.randn_like(f0), torch.randn_like(jv0))
     expected = torch.autograd.grad((f0, jv0), params, g, retain_graph=True)  # the weights are shared
     torch.testing.assert_close(torch.autograd.grad((f1, jv1), params, g), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 2])  # one channel: the patch-product and fold convolutions
+@pytest.mark.parametrize("tangents", [1, 3])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_paired_conv_field_equals_the_layer_by_layer_field(channels, tangents, per_example, float64):
+    # On a CPU a concat/softplus field runs z and its tangents as one batch with a
+    # hand-written backward; values, J v, gradients and second derivatives must be
+    # those of the layer-by-layer forward.
+    torch.manual_seed(3)
+    field = ConvField((channels, 5, 4), [4, 3])
+    z = torch.randn(3, channels, 5, 4, requires_grad=True)
+    t = (torch.tensor([0.2, 0.5, 0.9]) if per_example else torch.tensor(0.6)).requires_grad_()
+    v = torch.randn(3, tangents, channels, 5, 4)
+    inputs = field.solve_inputs(field.masked_weights())
+    paired = field(t, z, v, inputs)
+    layered = LayeredField.forward(field, t, z, v, inputs)
+    torch.testing.assert_close(paired, layered)
+    wrt = (z, t, *field.parameters())
+    g = (torch.randn_like(paired[0]), torch.randn_like(paired[1]))
+    first = torch.autograd.grad(paired, wrt, g, create_graph=True)
+    expected = torch.autograd.grad(layered, wrt, g, create_graph=True)
+    torch.testing.assert_close(first, expected)
+    probe = [torch.randn_like(x) for x in expected]
+
+    def second(grads):  # d/d(wrt) of sum_i <grads_i, probe_i>; a constant gradient adds nothing
+        pairs = [(x, p) for x, p in zip(grads, probe) if x.requires_grad]
+        out = torch.autograd.grad([x for x, _ in pairs], wrt, [p for _, p in pairs], retain_graph=True,
+                                  allow_unused=True)
+        return [torch.zeros_like(w) if d is None else d for d, w in zip(out, wrt)]
+
+    torch.testing.assert_close(second(first), second(expected))
 
 
 @pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
