@@ -39,7 +39,9 @@ class TrainConfig:
     stop after this many validations without a better validation NLL (0: never);
     ``figures``: log a density/sample figure (2-D) or sample grid (images) per validation;
     ``lr_schedule``: ``constant``, or ``cosine`` (from ``lr`` at step 0 down to 0 at
-    ``iterations``); ``ema_decay``: evaluate, sample and checkpoint an exponential
+    ``iterations``), after a linear warm-up over the first ``warmup_iterations``
+    steps when that is positive (FFJORD's schedule: ``lr * (step + 1) / warmup`` for
+    the steps before it); ``ema_decay``: evaluate, sample and checkpoint an exponential
     moving average of the parameters with this decay (0: the last iterate; see
     :mod:`cnf.ema`); ``tf32``: let float32 convolutions and matrix products on
     NVIDIA GPUs use TF32 tensor cores (see :func:`cnf.distributed.use_tf32`)."""
@@ -48,6 +50,7 @@ class TrainConfig:
     batch_size: int = 100
     lr: float = 1e-3
     lr_schedule: str = "constant"
+    warmup_iterations: int = 0
     weight_decay: float = 1e-5
     ema_decay: float = 0.0
     val_every: int = 100
@@ -106,6 +109,8 @@ class TrainConfig:
         check(self.lr > 0, f"train.lr must be positive (got {self.lr})")
         check(self.lr_schedule in ("constant", "cosine"),
                f"train.lr_schedule must be 'constant' or 'cosine' (got {self.lr_schedule!r})")
+        check(self.warmup_iterations >= 0,
+              f"train.warmup_iterations must be non-negative (got {self.warmup_iterations})")
         check(self.weight_decay >= 0, f"train.weight_decay must be non-negative (got {self.weight_decay})")
         check(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1) (got {self.ema_decay})")
         check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be positive or null")

@@ -440,11 +440,15 @@ def best_model_state(path: Path, device: torch.device, step: int) -> dict | None
 
 
 def learning_rate(tc, step: int) -> float:
-    """The learning rate of the optimizer step taken after ``step`` steps. A function
-    of the step alone, so a resumed run follows the same schedule."""
+    """The learning rate of the optimizer step taken after ``step`` steps: the
+    schedule's rate, times ``(step + 1) / warmup_iterations`` during the linear
+    warm-up. A function of the step alone, so a resumed run follows the same schedule."""
+    lr = tc.lr
     if tc.lr_schedule == "cosine":
-        return 0.5 * tc.lr * (1.0 + math.cos(math.pi * min(step, tc.iterations) / tc.iterations))
-    return tc.lr
+        lr = 0.5 * tc.lr * (1.0 + math.cos(math.pi * min(step, tc.iterations) / tc.iterations))
+    if step < tc.warmup_iterations:
+        lr *= (step + 1) / tc.warmup_iterations
+    return lr
 
 
 def solver_gap_warning(gap: float, dims: int, solver) -> str | None:

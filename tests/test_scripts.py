@@ -9,7 +9,9 @@ import torch
 
 import sample
 import train
+from cnf.errors import ConfigError
 from cnf_prune.checkpoint import load_checkpoint, save_checkpoint
+from cnf_prune.config import TrainConfig
 from cnf_prune.trainer import GAP_WARNING_NATS_PER_DIM, learning_rate, solver_gap_warning
 from helpers import run_train
 
@@ -103,6 +105,18 @@ def test_an_interrupted_cosine_run_resumes_on_the_same_curve(tmp_path, monkeypat
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_linear_warmup_scales_the_schedule_as_ffjord_does():
+    # FFJORD's train_cnf.py: lr * min(1, (itr + 1) / warmup_iters), itr counted from 0.
+    warm = TrainConfig(lr=2e-3, warmup_iterations=4)
+    assert [learning_rate(warm, s) for s in range(6)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3])
+    both = TrainConfig(lr=2e-3, iterations=100, lr_schedule="cosine", warmup_iterations=10)
+    cosine = TrainConfig(lr=2e-3, iterations=100, lr_schedule="cosine")
+    assert learning_rate(both, 4) == pytest.approx(0.5 * learning_rate(cosine, 4))
+    assert learning_rate(both, 10) == learning_rate(cosine, 10)
+    with pytest.raises(ConfigError, match="warmup_iterations"):
+        TrainConfig(warmup_iterations=-1)
 
 
 def test_the_schedule_sets_the_optimizer_learning_rate(tmp_path):
