@@ -174,7 +174,11 @@ class CNFBlock(nn.Module):
             state: tuple[Tensor, ...] = (x,)
         else:
             state = (x, zeros, zeros) + ((zeros, zeros) if penalties else ())
-        params = [*inputs.values()] + [
+        # The adjoint differentiates with respect to the weights and parameters themselves:
+        # each backward evaluation's vector-Jacobian product runs through the small
+        # per-solve graph of ``inputs``, which keeps the adjoint state (one entry per
+        # tensor here) as small as the parameters, not as large as, say, a time map.
+        params = [*weights.values()] + [
             p for name, p in field.named_parameters() if name not in weights
         ]
         try:

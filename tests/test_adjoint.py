@@ -4,6 +4,7 @@ its step-size control looks at the states that need it (``cnf.solver.adjoint_nor
 import pytest
 import torch
 
+from cnf.conv import ConvField
 from cnf.divergence import Exact, Hutchinson
 from cnf.fields import MLPField
 from cnf.flow import Flow
@@ -12,15 +13,21 @@ from cnf.solver import Solver, adjoint_norm
 from helpers import LinearField
 
 
-def flow_grads(adjoint: bool, seminorm: bool, reverse: bool, penalties: bool) -> dict[str, torch.Tensor]:
+def flow_grads(adjoint: bool, seminorm: bool, reverse: bool, penalties: bool, conv: bool = False) -> dict[str, torch.Tensor]:
     """Gradients of a loss using every output of one solve (z, log-det, R, K, F) on a
-    concatsquash MLP with a trainable end time, plus the input's gradient."""
+    concatsquash MLP (or a concat/softplus conv field, whose evaluations read per-solve
+    inputs and run z and its tangents as one batch) with a trainable end time, plus
+    the input's gradient."""
     torch.manual_seed(0)
-    field = MLPField(2, [8, 8], layer_type="concatsquash", nonlinearity="tanh")
+    if conv:
+        field = ConvField((2, 3, 3), [3])
+        x = torch.linspace(-1.0, 1.2, 36).view(2, 2, 3, 3).requires_grad_(True)
+    else:
+        field = MLPField(2, [8, 8], layer_type="concatsquash", nonlinearity="tanh")
+        x = torch.linspace(-1.0, 1.2, 12).view(6, 2).requires_grad_(True)
     solver = Solver(rtol=1e-10, atol=1e-10, adjoint=adjoint, adjoint_seminorm=seminorm)
     block = CNFBlock(field, end_time=0.6, train_end_time=True, solver=solver,
                      kinetic=penalties, jacobian_frobenius=penalties)
-    x = torch.linspace(-1.0, 1.2, 12).view(6, 2).requires_grad_(True)
     out = block(x, reverse=reverse)
     loss = out.z.pow(2).sum() + out.logabsdet.sum() + 0.3 * out.jac_norm.sum()
     if penalties:
@@ -34,12 +41,13 @@ def flow_grads(adjoint: bool, seminorm: bool, reverse: bool, penalties: bool) ->
 @pytest.mark.parametrize("seminorm", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("penalties", [False, True])
-def test_adjoint_gradients_equal_direct_backprop(seminorm, reverse, penalties, float64):
+@pytest.mark.parametrize("conv", [False, True])
+def test_adjoint_gradients_equal_direct_backprop(seminorm, reverse, penalties, conv, float64):
     """Leaving a_t (forward solves), the parameter adjoints (seminorm) and the
     measurement states out of the backward error control keeps every gradient,
     the end time's included, in both directions."""
-    adjoint = flow_grads(True, seminorm, reverse, penalties)
-    direct = flow_grads(False, seminorm, reverse, penalties)
+    adjoint = flow_grads(True, seminorm, reverse, penalties, conv)
+    direct = flow_grads(False, seminorm, reverse, penalties, conv)
     assert adjoint["sqrt_end_time"].abs() > 0
     for name in direct:
         torch.testing.assert_close(adjoint[name], direct[name], rtol=1e-5, atol=1e-7, msg=name)
