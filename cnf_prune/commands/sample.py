@@ -35,7 +35,7 @@ from cnf_prune.commands import report_user_errors
 from cnf.errors import ConfigError
 from cnf.data import make_data
 from cnf.flow import Flow
-from cnf.images import logit_inverse
+from cnf.images import IMAGE_DATASETS, logit_inverse
 from cnf.toy import TOY_DATASETS
 from cnf_prune.allocator import keep_freed_memory
 from cnf_prune.build import compact_model, load_model
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 def sample(args: argparse.Namespace) -> int:
     out = check_args(args)
     device = resolve_device(args.device, "--device", "--device cpu")
-    if device.type == "cpu":
-        keep_freed_memory()  # see cnf_prune.allocator
     model, config, _ = load_model(args.checkpoint, map_location=device, test_tolerance=args.tol)
+    if device.type == "cpu" and config.data.name in IMAGE_DATASETS:
+        keep_freed_memory()  # see cnf_prune.allocator
     use_tf32(config.train.tf32)
     if args.compact:
         model = compact_model(model, config)[0]

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from cnf.errors import CheckpointError, ConfigError, UserError
+from cnf.images import IMAGE_DATASETS
 from cnf.toy import TOY_DATASETS
 from cnf_prune import distributed
 from cnf_prune.allocator import keep_freed_memory
@@ -84,11 +85,11 @@ def check_run_directory(out: Path, resume: bool) -> None:
 def threads_for(config: Config, ctx: distributed.Context) -> Iterator[int]:
     """Use ``train.threads`` torch CPU threads for the duration (null: 1 for 2-D toy
     data, measured fastest there; torch's default otherwise), said once; on a CPU,
-    also keep freed memory for reuse (:mod:`cnf_prune.allocator`)."""
+    for image data, also keep freed memory for reuse (:mod:`cnf_prune.allocator`)."""
     before = torch.get_num_threads()
     threads = config.train.threads or (1 if config.data.name in TOY_DATASETS else before)
     if ctx.device.type == "cpu":
-        kept = keep_freed_memory()
+        kept = config.data.name in IMAGE_DATASETS and keep_freed_memory()
         if ctx.main:
             source = "train.threads" if config.train.threads else "the default for this data; set train.threads to change"
             print(f"threads: {threads} ({source})" + ("; freed memory kept for reuse (glibc malloc)" if kept else ""))
