@@ -55,7 +55,7 @@ class _PairedSoftplus(torch.autograd.Function):
         a = y[:b] + shift
         s = torch.sigmoid(a)
         out = torch.empty_like(y)
-        torch._C._nn.softplus(a, 1, 20, out=out[:b])  # F.softplus's defaults
+        torch.ops.aten.softplus.out(a, 1, 20, out=out[:b])  # F.softplus's defaults
         torch.mul(y[b:].unflatten(0, (b, -1)), s.unsqueeze(1), out=out[b:].unflatten(0, (b, -1)))
         ctx.save_for_backward(y, shift, s)
         ctx.b = b
