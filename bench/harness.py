@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from cnf.images import IMAGE_DATASETS
-from cnf_prune.allocator import keep_freed_memory
+from cnf_prune import allocator
 from cnf_prune.distributed import Context
 from cnf_prune.ema import ParameterAverage
 from cnf_prune.objectives import Likelihood
@@ -25,9 +24,9 @@ from cnf_prune.trainer import learning_rate
 
 def training_setup(config, device: torch.device):
     """``(data, model, optimizer, average or None)`` as the trainer builds them
-    (on a CPU, with train.py's allocator setting for image data)."""
-    if device.type == "cpu" and config.data.name in IMAGE_DATASETS:
-        keep_freed_memory()
+    (on a CPU, with train.py's allocator setting, ``train.keep_freed_memory``)."""
+    if device.type == "cpu" and allocator.enabled_for(config):
+        allocator.keep_freed_memory()
     data, model = prepare_model(config, Context(device=device), fresh=True)
     optimizer = make_optimizer(model, config.train, config.regularization.gate_lr_scale)
     ema = ParameterAverage(model, config.train.ema_decay) if config.train.ema_decay > 0 else None

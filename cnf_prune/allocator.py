@@ -7,15 +7,20 @@ in again, and the kernel zeroes every page first: an elementwise operation on
 a fresh 4 MB output then takes about twice as long as one on reused memory.
 :func:`keep_freed_memory` makes malloc serve large blocks from its heap and
 keep freed memory for reuse. The cost: the process's resident memory no longer
-shrinks after a peak. ``train.py``, ``sample.py`` and the benchmarks apply it to
-image models only: the 2-D toy model's tensors are small, and a timing check
-showed it no faster there.
+shrinks, and its peak grows (freed blocks of one size are not all reused for
+another). ``train.py``, ``sample.py`` and the benchmarks apply it as
+``train.keep_freed_memory`` says (:func:`enabled_for`): by default to image models
+only, since the 2-D toy model's tensors are small and a timing check showed it no
+faster there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+
+from cnf.images import IMAGE_DATASETS
+from cnf_prune.config import Config
 
 # mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -36,3 +41,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _ONE_GIB)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def enabled_for(config: Config) -> bool:
+    """``train.keep_freed_memory``; unset (null), whether the data are images."""
+    setting = config.train.keep_freed_memory
+    return config.data.name in IMAGE_DATASETS if setting is None else setting

@@ -66,6 +66,10 @@ class TrainConfig:
     # torch CPU threads (null: 1 for the 2-D toy sets, whose small field runs fastest on
     # one thread, torch's default otherwise); see docs/performance.md
     threads: int | None = None
+    # Keep freed CPU memory for reuse (glibc malloc; null: on for image data, whose
+    # evaluations are faster with it, off otherwise). It raises the peak resident memory;
+    # see docs/performance.md and cnf_prune/allocator.py.
+    keep_freed_memory: bool | None = None
     # Compile each block's vector field with torch.compile (inductor): the first steps
     # and the first validation pay the compile time; see docs/performance.md
     compile: bool = False

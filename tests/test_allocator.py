@@ -30,3 +30,13 @@ def test_kept_memory_is_reused_without_page_faults():
     pages_per_tensor = x.numel() * x.element_size() / resource.getpagesize()
     # Fresh memory would fault in every page of all 40 results (about 490000 faults).
     assert _minor_faults() - before < 0.05 * 40 * pages_per_tensor
+
+
+def test_the_setting_defaults_to_image_data_and_can_be_forced():
+    from cnf_prune.allocator import enabled_for
+    from cnf_prune.config import load_config
+
+    assert enabled_for(load_config(None, ["data.name=synthetic8"]))
+    assert not enabled_for(load_config(None, ["data.name=checkerboard"]))
+    assert enabled_for(load_config(None, ["data.name=checkerboard", "train.keep_freed_memory=true"]))
+    assert not enabled_for(load_config(None, ["data.name=synthetic8", "train.keep_freed_memory=false"]))

@@ -35,9 +35,9 @@ from cnf_prune.commands import report_user_errors
 from cnf.errors import ConfigError
 from cnf.data import make_data
 from cnf.flow import Flow
-from cnf.images import IMAGE_DATASETS, logit_inverse
+from cnf.images import logit_inverse
 from cnf.toy import TOY_DATASETS
-from cnf_prune.allocator import keep_freed_memory
+from cnf_prune import allocator
 from cnf_prune.build import compact_model, load_model
 from cnf_prune.config import Config
 from cnf_prune.distributed import resolve_device, use_tf32
@@ -75,8 +75,8 @@ def sample(args: argparse.Namespace) -> int:
     out = check_args(args)
     device = resolve_device(args.device, "--device", "--device cpu")
     model, config, _ = load_model(args.checkpoint, map_location=device, test_tolerance=args.tol)
-    if device.type == "cpu" and config.data.name in IMAGE_DATASETS:
-        keep_freed_memory()  # see cnf_prune.allocator
+    if device.type == "cpu" and allocator.enabled_for(config):
+        allocator.keep_freed_memory()  # see cnf_prune.allocator
     use_tf32(config.train.tf32)
     if args.compact:
         model = compact_model(model, config)[0]

@@ -19,10 +19,8 @@ from typing import Iterator
 import torch
 
 from cnf.errors import CheckpointError, ConfigError, UserError
-from cnf.images import IMAGE_DATASETS
 from cnf.toy import TOY_DATASETS
-from cnf_prune import distributed
-from cnf_prune.allocator import keep_freed_memory
+from cnf_prune import allocator, distributed
 from cnf_prune.checkpoint import load_checkpoint
 from cnf_prune.config import Config, load_config
 from cnf_prune.rundir import locked_run_directory
@@ -85,11 +83,12 @@ def check_run_directory(out: Path, resume: bool) -> None:
 def threads_for(config: Config, ctx: distributed.Context) -> Iterator[int]:
     """Use ``train.threads`` torch CPU threads for the duration (null: 1 for 2-D toy
     data, measured fastest there; torch's default otherwise), said once; on a CPU,
-    for image data, also keep freed memory for reuse (:mod:`cnf_prune.allocator`)."""
+    as ``train.keep_freed_memory`` says (default: for image data), also keep freed
+    memory for reuse (:mod:`cnf_prune.allocator`)."""
     before = torch.get_num_threads()
     threads = config.train.threads or (1 if config.data.name in TOY_DATASETS else before)
     if ctx.device.type == "cpu":
-        kept = config.data.name in IMAGE_DATASETS and keep_freed_memory()
+        kept = allocator.enabled_for(config) and allocator.keep_freed_memory()
         if ctx.main:
             source = "train.threads" if config.train.threads else "the default for this data; set train.threads to change"
             print(f"threads: {threads} ({source})" + ("; freed memory kept for reuse (glibc malloc)" if kept else ""))
