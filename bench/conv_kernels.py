@@ -11,8 +11,14 @@ CPU, and prints the best of several repeats of each:
 * a convolution of one input channel (the first layer of the 28x28 blocks, and the
   time channel): oneDNN against the patch product that ``cnf/conv.py`` uses,
   forward and forward + backward;
+* a convolution to one output channel (the last layer of the 28x28 blocks): oneDNN
+  against the tap product and ``F.fold`` that ``cnf/conv.py`` uses;
 * the sum over the batch that the backward pass of the time-map addition takes:
-  over a channels-last gradient viewed as ``(B, C, H, W)`` and as ``(B, H, W, C)``.
+  over a channels-last gradient viewed as ``(B, C, H, W)`` and as ``(B, H, W, C)``;
+* an elementwise product into fresh 4 MB outputs (40 alive at once, as in an
+  evaluation) under glibc's default malloc, then with the setting of
+  ``cnf_prune/allocator.py``, which keeps freed memory for reuse (applied last: it
+  cannot be undone in the process).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_model  # noqa: E402
-from cnf.conv import _conv_one_channel  # noqa: E402  (the patch product the layers use)
+from cnf.conv import _conv_one_channel, _conv_to_one_channel  # noqa: E402  (what the layers use)
+from cnf_prune.allocator import keep_freed_memory  # noqa: E402
 
 CL = torch.channels_last
 
@@ -79,6 +86,31 @@ def one_channel(batch: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def to_one_channel(batch: int) -> dict[str, tuple[float, float]]:
+    x = torch.randn(batch, 64, 28, 28).contiguous(memory_format=CL).requires_grad_()
+    w = torch.randn(1, 64, 3, 3, requires_grad=True)
+    g = torch.randn(batch, 1, 28, 28)
+    out = {}
+    for name, conv in (("oneDNN (F.conv2d)", lambda: F.conv2d(x, w.contiguous(memory_format=CL), padding=1)),
+                       ("tap product + fold", lambda: _conv_to_one_channel(x, w, None, 1))):
+        with torch.no_grad():
+            forward = best_ms(conv)
+        both = best_ms(lambda: torch.autograd.grad(conv(), (x, w), g))
+        out[name] = (forward, both)
+    return out
+
+
+def fresh_products(batch: int) -> float:
+    """ms per product ``a * b`` into a new tensor, 40 results alive at once."""
+    a, b = (torch.randn(batch, 64, 28, 28).contiguous(memory_format=CL) for _ in range(2))
+
+    def forty():
+        outs = [a * b for _ in range(40)]
+        del outs
+
+    return best_ms(forty) / 40
+
+
 def batch_sums(batch: int) -> dict[str, float]:
     g = torch.randn(batch, 64, 28, 28).contiguous(memory_format=CL)
     return {
@@ -107,9 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     print("1 -> 64 conv, 3x3, 28x28: ms forward / forward + backward")
     for name, (forward, both) in one_channel(args.batch).items():
         print(f"  {name:18s}: {forward:.2f} / {both:.2f}")
+    print("64 -> 1 conv, 3x3, 28x28: ms forward / forward + backward")
+    for name, (forward, both) in to_one_channel(args.batch).items():
+        print(f"  {name:18s}: {forward:.2f} / {both:.2f}")
     print("sum over the batch of a channels-last gradient (64x28x28): ms")
     for name, ms in batch_sums(args.batch).items():
         print(f"  {name}: {ms:.3f}")
+    print(f"elementwise product into a fresh ({args.batch}, 64, 28, 28) tensor, 40 alive at once: ms")
+    print(f"  glibc's default malloc: {fresh_products(args.batch):.3f}")
+    if keep_freed_memory():
+        print(f"  freed memory kept (cnf_prune/allocator.py): {fresh_products(args.batch):.3f}")
     return 0
 
 

@@ -161,8 +161,8 @@ def _conv_to_one_channel(x: Tensor, weight: Tensor, bias: Tensor | None, padding
     followed by ``F.fold``, which sums each tap's products into the output pixel
     it contributes to; the result is ``(B, 1, H, W)``.
 
-    On a CPU, oneDNN computes a convolution to one channel about half as fast
-    as this, forward and backward (its cost is that of many output channels).
+    On a CPU, oneDNN computes a convolution to one channel more slowly than
+    this, forward and backward (``bench/conv_kernels.py`` times both).
     """
     b, c, h, w = x.shape
     k = weight.shape[-1]

@@ -4,7 +4,8 @@ Every ODE evaluation allocates and frees tensors of a few megabytes. glibc's
 malloc serves such blocks with fresh ``mmap`` pages (or returns the freed top
 of its heap to the system), so the next evaluation's tensors fault their pages
 in again, and the kernel zeroes every page first: an elementwise operation on
-a fresh 4 MB output then takes about twice as long as one on reused memory.
+a fresh 4 MB output is then several times slower than on reused memory
+(``bench/conv_kernels.py`` times both).
 :func:`keep_freed_memory` makes malloc serve large blocks from its heap and
 keep freed memory for reuse. The cost: the process's resident memory no longer
 shrinks, and its peak grows (freed blocks of one size are not all reused for
