@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from cnf.activations import make_activation
 from cnf.errors import ConfigError
 from cnf.layers import LAYERS
+from cnf.mlp_paired import paired_forward, paired_kind, time_parameters
 
 
 class VectorField(nn.Module):
@@ -132,3 +134,29 @@ class MLPField(LayeredField):
         self.activations = nn.ModuleList(
             make_activation(nonlinearity) for _ in hidden_dims
         )
+        self._paired = paired_kind(self.layers, self.activations)
+
+    def solve_inputs(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The weights, and for the stacked evaluation (:mod:`cnf.mlp_paired`) the
+        layers' time parameters concatenated once per solve."""
+        inputs = dict(weights)
+        if self._paired is not None:
+            inputs.update(time_parameters(self.layers))
+        return inputs
+
+    def forward(
+        self,
+        t: Tensor,
+        z: Tensor,
+        tangents: Tensor | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`LayeredField.forward`; with tangents and one time for the batch,
+        ``z`` and the tangents go through the layers as one stacked batch in a single
+        autograd node (:mod:`cnf.mlp_paired`; not while torch.compile traces, which
+        fuses the layer-by-layer form itself)."""
+        if tangents is None or t.dim() != 0 or self._paired is None or torch.compiler.is_compiling():
+            return super().forward(t, z, tangents, weights)
+        if weights is None:
+            weights = self.masked_weights()
+        return paired_forward(self.layers, self._paired, t, z, tangents, weights)

@@ -8,7 +8,7 @@ from cnf.activations import ACTIVATIONS, Swish, make_activation
 from cnf.conv import ConcatConv2d, ConcatSquashConv2d
 from cnf.divergence import Exact, make_divergence
 from cnf.errors import ConfigError
-from cnf.fields import MLPField
+from cnf.fields import LayeredField, MLPField
 from cnf.layers import ConcatLinear, ConcatSquashLinear
 
 
@@ -51,6 +51,61 @@ def test_exact_jacobian_and_divergence_match_autograd(layer_type, nonlinearity, 
         torch.testing.assert_close(div[i], jac.trace())
         torch.testing.assert_close(fro_sq[i], jac.pow(2).sum())
     torch.testing.assert_close(f, field(t, z)[0])
+
+
+@pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "softplus"])
+@pytest.mark.parametrize("tangents", ["exact", 1, 3])
+def test_paired_mlp_field_equals_the_layer_by_layer_field(layer_type, nonlinearity, tangents, float64):
+    # With tangents and one time for the batch, an MLP field runs z and its tangents as
+    # one stacked batch in one autograd node with a hand-written backward: values, J v,
+    # first derivatives (z, t, effective weights, every parameter) and second
+    # derivatives must be those of the layer-by-layer forward.
+    torch.manual_seed(5)
+    field = MLPField(3, [6, 5, 4], layer_type=layer_type, nonlinearity=nonlinearity)
+    assert field._paired == nonlinearity
+    field.layers[1].weight_mask[0, :2] = 0.0  # a pruned weight
+    z = torch.randn(4, 3, requires_grad=True)
+    t = torch.tensor(0.45, requires_grad=True)
+    v = Exact().tangents(z) if tangents == "exact" else torch.randn(4, tangents, 3)
+    masked = field.masked_weights()
+    weights = {name: w.detach().requires_grad_() for name, w in masked.items()}
+    paired = field(t, z, v, field.solve_inputs(weights))
+    layered = LayeredField.forward(field, t, z, v, weights)
+    torch.testing.assert_close(paired, layered)
+    wrt = (z, t, *weights.values(), *field.parameters())
+    g = (torch.randn_like(paired[0]), torch.randn_like(paired[1]))
+    expected = torch.autograd.grad(layered, wrt, g, create_graph=True, allow_unused=True)
+    used = [i for i, e in enumerate(expected) if e is not None]  # layer weights enter via `weights`
+    expected = [expected[i] for i in used]
+    # the hand-written backward (first derivatives only) ...
+    fast = torch.autograd.grad(paired, wrt, g, allow_unused=True)
+    assert [i for i, d in enumerate(fast) if d is not None] == used
+    torch.testing.assert_close([fast[i] for i in used], expected)
+    # ... and the differentiable one, taken when a graph of the gradient is built
+    paired = field(t, z, v, field.solve_inputs(weights))
+    first = torch.autograd.grad(paired, wrt, g, create_graph=True, allow_unused=True)
+    first = [first[i] for i in used]
+    torch.testing.assert_close(first, expected)
+    probe = [torch.randn_like(x) for x in expected]
+
+    def second(grads):  # d/d(wrt) of sum_i <grads_i, probe_i>
+        pairs = [(x, p) for x, p in zip(grads, probe) if x.requires_grad]
+        out = torch.autograd.grad([x for x, _ in pairs], wrt, [p for _, p in pairs], retain_graph=True,
+                                  allow_unused=True)
+        return [torch.zeros_like(w) if d is None else d for d, w in zip(out, wrt)]
+
+    torch.testing.assert_close(second(first), second(expected))
+
+
+def test_paired_mlp_field_applies_to_its_layers_and_nonlinearities_only():
+    assert MLPField(2, [4], nonlinearity="swish")._paired is None
+    assert MLPField(2, [4], nonlinearity="elu")._paired is None
+    assert MLPField(2, [4], layer_type="concat", nonlinearity="softplus")._paired == "softplus"
+    # times per example (flow matching) take the layer-by-layer forward, with the same result
+    field = MLPField(2, [4, 4])
+    z, v, t = torch.randn(3, 2), torch.randn(3, 1, 2), torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(field(t, z, v), LayeredField.forward(field, t, z, v, None))
 
 
 def test_masked_weights_enter_the_field(float64):
