@@ -420,8 +420,10 @@ def report_mnist(
         "    (multiscale: 10 CNF blocks over 3 scales, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
         "     Adam lr 1e-3 warmed up over 1000 iterations, no weight decay, loss in bits/dim, T=1 not trained)",
         f"  this project: {' '.join(ours_cmd[1:])}",
-        "    (configs/mnist.yaml: the same flow and solver, Adam lr 1e-3 warmed up over 1000 iterations, no decay, loss in nats",
-        "     per image, T=1 trained with lr 1e-3; validation/test cut to 100 images)")
+        "    (configs/mnist.yaml: the same flow, dopri5 1e-5 forward solves; gradients by backpropagation through the solver",
+        "     steps with each evaluation recomputed in the backward pass (solver.checkpoint; --also-set solver.adjoint=true --also-set",
+        "     solver.checkpoint=false times FFJORD's adjoint); Adam lr 1e-3 warmed up over 1000 iterations, no decay, loss",
+        "     in nats per image, T=1 trained with lr 1e-3; validation/test cut to 100 images)")
     theirs = run_child("FFJORD train_cnf.py", ff_cmd, work, ffjord_cnf_line,
                        stop_after=lambda r: len(r.seconds) >= n + w)
     ours = run_child("train.py mnist", ours_cmd, work, lambda r, line: None)

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cnf.divergence import Divergence, Exact
 from cnf.errors import ConfigError, NonFiniteError, SolverError
@@ -55,7 +56,8 @@ class WeightGates(Protocol):
 @dataclass
 class NFECounter:
     """Vector-field evaluations of one solve: ``forward`` during the solve,
-    ``backward`` afterwards (the adjoint solve, when ``loss.backward()`` runs)."""
+    ``backward`` afterwards, when ``loss.backward()`` runs (the adjoint solve, or the
+    evaluations a checkpointed solve recomputes)."""
 
     forward: int = 0
     backward: int = 0
@@ -156,11 +158,11 @@ class CNFBlock(nn.Module):
         # constant, the backward evaluations skip the time derivative of the field.
         start_time_grad = reverse and times.requires_grad
 
-        def dynamics(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        def evaluate(t: Tensor, z: Tensor) -> tuple[Tensor, ...]:
             counter.tick(t)
-            if counter.solved and not start_time_grad:
+            if solver.adjoint and counter.solved and not start_time_grad:
                 t = t.detach()
-            f, jv = field(t, state[0], tangents, inputs)
+            f, jv = field(t, z, tangents, inputs)
             if not density:
                 return (f,)
             div, fro_sq = divergence.reduce(tangents, jv)
@@ -168,6 +170,15 @@ class CNFBlock(nn.Module):
             if penalties:
                 out += (f.pow(2).flatten(1).sum(1), fro_sq)
             return out
+
+        checkpointed = solver.checkpoint and not solver.adjoint and torch.is_grad_enabled()
+
+        def dynamics(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            if checkpointed:
+                # No activations are kept: the backward pass recomputes the evaluations it
+                # reaches (those of accepted steps; the counter counts them as backward NFE).
+                return checkpoint(evaluate, t, state[0], use_reentrant=False)
+            return evaluate(t, state[0])
 
         zeros = x.new_zeros(x.shape[0])
         if not density:

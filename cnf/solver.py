@@ -47,7 +47,10 @@ class Solver:
     ``odeint_adjoint`` (O(1) memory, a second solve backwards) over direct
     backpropagation through the solver's operations; ``adjoint_seminorm`` leaves
     the parameter adjoints out of the backward step-size control (Kidger et al.
-    2021); ``max_num_steps`` bounds an adaptive solve (``None``: unbounded).
+    2021); ``checkpoint`` (with backpropagation only) keeps no activations of the
+    field's evaluations and recomputes each one the backward pass reaches (the same
+    gradient as plain backpropagation, in memory close to the adjoint's);
+    ``max_num_steps`` bounds an adaptive solve (``None``: unbounded).
     """
 
     method: str = "dopri5"
@@ -56,6 +59,7 @@ class Solver:
     step_size: float | None = None
     adjoint: bool = True
     adjoint_seminorm: bool = False
+    checkpoint: bool = False
     max_num_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +74,11 @@ class Solver:
             raise ConfigError(
                 f"fixed-step method {self.method!r} needs a positive step_size "
                 "(for example --set solver.step_size=0.05)"
+            )
+        if self.checkpoint and self.adjoint:
+            raise ConfigError(
+                "solver.checkpoint recomputes evaluations when backpropagating through the solver; "
+                "it needs solver.adjoint: false (for the adjoint method, set solver.checkpoint=false)"
             )
         if self.max_num_steps is not None and self.max_num_steps < 1:
             raise ConfigError(f"max_num_steps must be positive (got {self.max_num_steps})")

@@ -207,7 +207,7 @@ def _direct_backprop(model: Flow) -> Flow:
     (``odeint``) instead of the adjoint, so second derivatives exist."""
     twin = copy.deepcopy(model)
     for block in twin.blocks:
-        block.solver = dataclasses.replace(block.solver, adjoint=False)
+        block.solver = dataclasses.replace(block.solver, adjoint=False, checkpoint=False)
     return twin
 
 
