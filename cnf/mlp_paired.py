@@ -11,9 +11,9 @@ backward pass:
 * with one time ``t`` for the batch, a layer is ``y = g ⊙ (W x) + c`` with the gate
   ``g`` (concatsquash: ``σ(a t + c_g)``; concat: ``1``) and shift ``c`` (concatsquash:
   ``g ⊙ b + d t``; concat: ``b + w_t t``); ``g`` and ``c`` of all layers are computed
-  outside the node in four small operations (autograd takes them back to ``t`` and
-  the parameters), from per-solve concatenations of the layers' time parameters
-  (:func:`time_parameters`);
+  inside the node from per-solve concatenations of the layers' time parameters
+  (:func:`time_parameters`), and its backward pass returns the gradients of ``t`` and
+  of those parameters;
 * a hidden layer's nonlinearity maps the stack ``[a; u]`` to ``[σ(a); σ'(a) ⊙ u]``.
 
 The backward pass of the stack, with ``s = σ'(a)`` and ``σ''`` from ``(σ(a), s)``
