@@ -13,9 +13,11 @@ subprocesses, one at a time (never start two benchmarks at once on a small machi
 * MNIST: FFJORD's ``train_cnf.py --data mnist --dims 64,64,64 --strides 1,1,1,1
   --num_blocks 2 --layer_type concat --multiscale True --rademacher True
   --batch_size B --log_freq 1`` for ``--mnist-iterations`` iterations after
-  ``--warmup`` (then stopped: FFJORD validates only at epoch ends), then
+  ``--warmup``, then the bits/dim of the first 100 test images (a patch: FFJORD
+  validates only at epoch ends), then
   ``train.py configs/mnist.yaml`` with the same batch and iterations (validation and
-  test sets cut to 100 images, so that the run ends and checkpoints within minutes);
+  test sets cut to 100 images, so that the run ends and checkpoints within minutes; its
+  test images are the same first 100);
   ``--batch-size 20`` gives a quick check;
 * sampling: 10000 toy samples and 64 MNIST images, with ``sample.py`` on this
   project's checkpoints and with FFJORD's own sampling path (``model(z,
@@ -72,6 +74,7 @@ class Run:
     nfe_forward: list[float] = field(default_factory=list)
     nfe_backward: list[float] = field(default_factory=list)
     val_nll: str = "n/a"
+    test_bpd: str = "n/a"
     peak_rss_mib: float = float("nan")
     wall: float = 0.0
     returncode: int | None = None
@@ -88,11 +91,13 @@ class Run:
                 "ms_nfe": 1e3 * sum(s) / nfe if nfe else float("nan"), "n": n}
 
 
-def run_child(name: str, cmd: list[str], cwd: Path, on_line, stop_after=None, timeout: float = 7200) -> Run:
-    """Run ``cmd``, feeding each output line to ``on_line(run, line)``; stop it with
-    SIGTERM once ``stop_after(run)`` is true. Peak RSS from ``wait4``."""
+def run_child(name: str, cmd: list[str], cwd: Path, on_line, stop_after=None, timeout: float = 7200,
+              env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` (with ``env`` added to the environment), feeding each output line to
+    ``on_line(run, line)``; stop it with SIGTERM once ``stop_after(run)`` is true. Peak
+    RSS from ``wait4``."""
     run = Run(name)
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", **(env or {})}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
@@ -153,6 +158,18 @@ def prepare_ffjord(src: Path, work: Path) -> tuple[Path, list[str]]:
     patch(dst, "train_cnf.py", "                logger.info(log_message)\n\n            itr += 1",
           "                logger.info(log_message + ' | NFE Forward {:.0f}'.format(vs_nfe_forward))\n\n"
           "            itr += 1", "log that forward NFE", patches)
+    patch(dst, "train_cnf.py", "            itr += 1\n\n        # compute test loss",
+          "            itr += 1\n"
+          "            if itr >= int(os.environ.get('VS_TEST_AFTER', '0')) > 0:\n"
+          "                model.eval()\n"
+          "                with torch.no_grad():\n"
+          "                    x = torch.stack([test_loader.dataset[i][0] for i in range(100)])\n"
+          "                    bpd = compute_bits_per_dim(cvt(x), model)\n"
+          "                logger.info('[vs_ffjord] test bits/dim {:.4f} on the first 100 test images after {} '\n"
+          "                            'iterations'.format(float(bpd), itr))\n"
+          "                raise SystemExit(0)\n\n        # compute test loss",
+          "after the timed iterations, bits/dim of the first 100 test images in eval mode, then stop "
+          "(FFJORD validates only at epoch ends)", patches)
     return dst, patches
 
 
@@ -174,6 +191,7 @@ def prepare_mnist(raw: Path, work: Path) -> Path:
 FF_TOY = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*NFE Forward (\d+)\(.*NFE Backward (\d+)\(")
 FF_TOY_TEST = re.compile(r"^\[TEST\] Iter (\d+) \| Test Loss ([-\d.]+)")
 FF_CNF = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*Steps (\d+)\(.*NFE Forward (\d+)")
+FF_CNF_TEST = re.compile(r"^\[vs_ffjord\] test bits/dim ([-\d.]+) on the first 100 test images after (\d+) iterations")
 
 
 def ffjord_toy_line(run: Run, line: str) -> None:
@@ -190,6 +208,8 @@ def ffjord_cnf_line(run: Run, line: str) -> None:
         run.seconds.append(float(m[2]))
         run.nfe_forward.append(float(m[4]))
         run.nfe_backward.append(float(m[3]) - float(m[4]))
+    elif m := FF_CNF_TEST.match(line):
+        run.test_bpd = f"{float(m[1]):.3f} (after {int(m[2])} iterations, eval mode)"
 
 
 def ours_from_events(run: Run, out: Path) -> None:
@@ -211,6 +231,9 @@ def ours_from_events(run: Run, out: Path) -> None:
         bpd = {e.step: e.value for e in events.Scalars("val/bits_per_dim")} if "val/bits_per_dim" in tags else {}
         run.val_nll = f"{nll:.3f}" + (f" ({bpd[step]:.3f} bits/dim)" if step in bpd else "") \
             + f" (validation set, step {step})"
+    test = values("test/bits_per_dim")
+    if test:
+        run.test_bpd = f"{test[-1]:.3f} (after {len(run.seconds)} iterations, the validated model)"
     end = values("flow/end_time")
     if end:
         run.val_nll += f"; end time {end[0]:.4f} -> {end[-1]:.4f}"
@@ -293,6 +316,8 @@ def compare(title: str, ours: Run, theirs: Run, warmup: int) -> list[str]:
                  f"{ours.peak_rss_mib / theirs.peak_rss_mib:>12.2f}x")
     lines.append(f"{'child wall time (s)':24}{ours.wall:>16.1f}{theirs.wall:>16.1f}")
     lines.append(f"validation NLL: this project {ours.val_nll}; FFJORD {theirs.val_nll}")
+    if ours.test_bpd != "n/a" or theirs.test_bpd != "n/a":
+        lines.append(f"test bits/dim, first 100 MNIST test images: this project {ours.test_bpd}; FFJORD {theirs.test_bpd}")
     for run in (ours, theirs):
         if run.returncode not in (0, -signal.SIGTERM, 128 + signal.SIGTERM) or not run.seconds:
             lines.append(f"!! {run.name} exited {run.returncode}; its last lines:\n{textwrap.indent(run.tail, '    ')}")
@@ -416,16 +441,18 @@ def report_mnist(
                 "--set", "train.log_every=1", "--set", f"data.root={data_root}", "--set", "data.download=false",
                 "--set", "data.val_size=100", "--set", "data.test_size=100", "--set", "train.val_batch_size=100"]
     say("", "MNIST settings:",
-        f"  FFJORD: {' '.join(ff_cmd[1:])} (cwd holds ./data/MNIST/raw; stopped after {n + w} iterations)",
+        f"  FFJORD: {' '.join(ff_cmd[1:])} (cwd holds ./data/MNIST/raw; after {n + w} iterations it computes",
+        "    the bits/dim of the first 100 test images in eval mode and stops)",
         "    (multiscale: 10 CNF blocks over 3 scales, 64-64-64 concat conv softplus, Rademacher Hutchinson, dopri5 1e-5 adjoint,",
         "     Adam lr 1e-3 warmed up over 1000 iterations, no weight decay, loss in bits/dim, T=1 not trained)",
         f"  this project: {' '.join(ours_cmd[1:])}",
         "    (configs/mnist.yaml: the same flow, dopri5 1e-5 forward solves; gradients by backpropagation through the solver",
         "     steps with each evaluation recomputed in the backward pass (solver.checkpoint; --also-set solver.adjoint=true --also-set",
         "     solver.checkpoint=false times FFJORD's adjoint); Adam lr 1e-3 warmed up over 1000 iterations, no decay, loss",
-        "     in nats per image, T=1 trained with lr 1e-3; validation/test cut to 100 images)")
+        "     in nats per image, T=1 trained with lr 1e-3; validation/test cut to 100 images, the test images being",
+        "     the first 100 of MNIST's test set)")
     theirs = run_child("FFJORD train_cnf.py", ff_cmd, work, ffjord_cnf_line,
-                       stop_after=lambda r: len(r.seconds) >= n + w)
+                       stop_after=lambda r: len(r.seconds) > n + w, env={"VS_TEST_AFTER": str(n + w)})
     ours = run_child("train.py mnist", ours_cmd, work, lambda r, line: None)
     ours_from_events(ours, ours_out)
     say(*compare(f"MNIST, batch {b}, {n} iterations after {w} warm-up", ours, theirs, w))
