@@ -154,13 +154,17 @@ class CNFBlock(nn.Module):
         counter = NFECounter()
         t0, t1 = torch.zeros_like(self.end_time), self.end_time
         times = torch.stack([t1, t0] if reverse else [t0, t1]).to(x)
-        # The adjoint solve's dL/dt integral only yields dL/d(times[0]); when that is a
-        # constant, the backward evaluations skip the time derivative of the field.
+        # An evaluation's time enters the gradient only through the start time times[0]:
+        # the adjoint's dL/dt integral yields dL/d(times[0]) alone, and backpropagating
+        # through the solver, the stage times are times[0] plus step sizes that the
+        # controller chose (constants); the end time acts through the final
+        # interpolation, outside the evaluations. When times[0] is a constant (solves
+        # forward from 0), the evaluations skip the field's time derivative.
         start_time_grad = reverse and times.requires_grad
 
         def evaluate(t: Tensor, z: Tensor) -> tuple[Tensor, ...]:
             counter.tick(t)
-            if solver.adjoint and counter.solved and not start_time_grad:
+            if not start_time_grad:
                 t = t.detach()
             f, jv = field(t, z, tangents, inputs)
             if not density:
