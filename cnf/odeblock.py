@@ -154,17 +154,20 @@ class CNFBlock(nn.Module):
         counter = NFECounter()
         t0, t1 = torch.zeros_like(self.end_time), self.end_time
         times = torch.stack([t1, t0] if reverse else [t0, t1]).to(x)
-        # An evaluation's time enters the gradient only through the start time times[0]:
-        # the adjoint's dL/dt integral yields dL/d(times[0]) alone, and backpropagating
-        # through the solver, the stage times are times[0] plus step sizes that the
-        # controller chose (constants); the end time acts through the final
-        # interpolation, outside the evaluations. When times[0] is a constant (solves
-        # forward from 0), the evaluations skip the field's time derivative.
+        # An evaluation's time enters the gradient only through the start time times[0]
+        # when the adjoint solves (its dL/dt integral yields dL/d(times[0]) alone) or when
+        # backpropagation goes through an adaptive solver (the stage times are times[0]
+        # plus step sizes that the controller chose, constants; the end time acts through
+        # the final interpolation, outside the evaluations). A fixed grid instead ends its
+        # last step at the end time, so there the stage times carry its gradient. When
+        # only times[0] would get it and it is a constant (solves forward from 0), the
+        # evaluations skip the field's time derivative.
         start_time_grad = reverse and times.requires_grad
+        detach_time = not start_time_grad and (solver.adjoint or solver.adaptive)
 
         def evaluate(t: Tensor, z: Tensor) -> tuple[Tensor, ...]:
             counter.tick(t)
-            if not start_time_grad:
+            if detach_time:
                 t = t.detach()
             f, jv = field(t, z, tangents, inputs)
             if not density:

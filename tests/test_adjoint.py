@@ -76,6 +76,33 @@ def test_checkpointed_backprop_equals_direct_backprop(reverse, penalties, conv, 
         torch.testing.assert_close(checkpointed[name], direct[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_backprop_end_time_gradient_matches_finite_differences(method, checkpoint, float64):
+    """dL/d√T by backpropagation equals the finite difference of the discrete solve,
+    for a fixed grid too, whose last step ends at T (its stage times then depend on T)."""
+    torch.manual_seed(0)
+    field = MLPField(2, [8, 8], layer_type="concatsquash", nonlinearity="tanh")
+    solver = Solver(method=method, step_size=0.1 if method == "rk4" else None, rtol=1e-10, atol=1e-10,
+                    adjoint=False, checkpoint=checkpoint)
+    block = CNFBlock(field, end_time=0.55, train_end_time=True, solver=solver)
+    x = torch.linspace(-1.0, 1.2, 12).view(6, 2)
+
+    def loss() -> torch.Tensor:
+        out = block(x)
+        return out.z.pow(2).sum() + out.logabsdet.sum() + 0.3 * out.jac_norm.sum()
+
+    loss().backward()
+    eps = 1e-6
+    with torch.no_grad():
+        block.sqrt_end_time += eps
+        plus = loss()
+        block.sqrt_end_time -= 2 * eps
+        minus = loss()
+        block.sqrt_end_time += eps
+    torch.testing.assert_close(block.sqrt_end_time.grad, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
 def test_checkpoint_needs_backprop():
     with pytest.raises(ConfigError, match="solver.adjoint: false"):
         Solver(adjoint=True, checkpoint=True)
