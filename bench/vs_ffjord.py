@@ -28,7 +28,9 @@ subprocesses, one at a time (never start two benchmarks at once on a small machi
 
 Both sides' logs are parsed for seconds per iteration (the first ``--warmup``
 iterations excluded), NFE forward/backward, time per function evaluation, the
-validation NLL where the runs have one, and each child's peak RSS (``os.wait4``).
+validation NLL where the runs have one, each child's peak RSS (``os.wait4``) and, when
+the runs use a GPU, each side's peak allocated GPU memory (this project's
+``memory/gpu_peak_mib`` events; FFJORD's through a logging patch).
 FFJORD logs only the total NFE on MNIST, so a one-line logging patch adds its
 forward NFE. FFJORD runs from a temporary copy of PATH (never PATH itself) with the
 compatibility patches listed in the output (for example stand-ins for ``six`` and
@@ -75,6 +77,7 @@ class Run:
     nfe_backward: list[float] = field(default_factory=list)
     val_nll: str = "n/a"
     test_bpd: str = "n/a"
+    gpu_peak_mib: float | None = None  # torch.cuda.max_memory_allocated, when the run used a GPU
     peak_rss_mib: float = float("nan")
     wall: float = 0.0
     returncode: int | None = None
@@ -150,8 +153,9 @@ def prepare_ffjord(src: Path, work: Path) -> tuple[Path, list[str]]:
             "def shuffle(*a, **k):\n    raise NotImplementedError('scikit-learn is not installed')\n")
         patches.append("sklearn/: empty stand-in for the missing scikit-learn (unused by checkerboard and MNIST)")
     patch(dst, "train_toy.py", "    logger.info('Training has finished.')\n",
-          "    logger.info('Training has finished.')\n    raise SystemExit(0)\n",
-          "stop after training (skips the trajectory video, after all timing)", patches)
+          "    logger.info('Training has finished.')\n" + GPU_PEAK_LOG.format(indent="    ") +
+          "    raise SystemExit(0)\n",
+          "stop after training (skips the trajectory video, after all timing); log the peak GPU memory", patches)
     patch(dst, "train_cnf.py", "            loss = compute_bits_per_dim(x, model)\n",
           "            loss = compute_bits_per_dim(x, model)\n            vs_nfe_forward = count_nfe(model)\n",
           "count the forward NFE before loss.backward() (FFJORD logs only the total)", patches)
@@ -161,6 +165,7 @@ def prepare_ffjord(src: Path, work: Path) -> tuple[Path, list[str]]:
     patch(dst, "train_cnf.py", "            itr += 1\n\n        # compute test loss",
           "            itr += 1\n"
           "            if itr >= int(os.environ.get('VS_TEST_AFTER', '0')) > 0:\n"
+          + GPU_PEAK_LOG.format(indent="                ") +
           "                model.eval()\n"
           "                with torch.no_grad():\n"
           "                    x = torch.stack([test_loader.dataset[i][0] for i in range(100)])\n"
@@ -168,8 +173,8 @@ def prepare_ffjord(src: Path, work: Path) -> tuple[Path, list[str]]:
           "                logger.info('[vs_ffjord] test bits/dim {:.4f} on the first 100 test images after {} '\n"
           "                            'iterations'.format(float(bpd), itr))\n"
           "                raise SystemExit(0)\n\n        # compute test loss",
-          "after the timed iterations, bits/dim of the first 100 test images in eval mode, then stop "
-          "(FFJORD validates only at epoch ends)", patches)
+          "after the timed iterations, log the peak GPU memory, then the bits/dim of the first 100 test "
+          "images in eval mode, then stop (FFJORD validates only at epoch ends)", patches)
     return dst, patches
 
 
@@ -191,6 +196,10 @@ def prepare_mnist(raw: Path, work: Path) -> Path:
 FF_TOY = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*NFE Forward (\d+)\(.*NFE Backward (\d+)\(")
 FF_TOY_TEST = re.compile(r"^\[TEST\] Iter (\d+) \| Test Loss ([-\d.]+)")
 FF_CNF = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*Steps (\d+)\(.*NFE Forward (\d+)")
+GPU_PEAK_LOG = ("{indent}if torch.cuda.is_available():\n"
+                "{indent}    logger.info('[vs_ffjord] peak GPU memory {{:.0f}} MiB'.format(\n"
+                "{indent}        torch.cuda.max_memory_allocated() / 2 ** 20))\n")
+FF_GPU_PEAK = re.compile(r"^\[vs_ffjord\] peak GPU memory ([\d.]+) MiB")
 FF_CNF_TEST = re.compile(r"^\[vs_ffjord\] test bits/dim ([-\d.]+) on the first 100 test images after (\d+) iterations")
 
 
@@ -199,6 +208,8 @@ def ffjord_toy_line(run: Run, line: str) -> None:
         run.seconds.append(float(m[2]))
         run.nfe_forward.append(float(m[3]))
         run.nfe_backward.append(float(m[4]))
+    elif m := FF_GPU_PEAK.match(line):
+        run.gpu_peak_mib = float(m[1])
     elif m := FF_TOY_TEST.match(line):
         run.val_nll = f"{float(m[2]):.3f} (1000 fresh samples, iteration {int(m[1])})"
 
@@ -208,6 +219,8 @@ def ffjord_cnf_line(run: Run, line: str) -> None:
         run.seconds.append(float(m[2]))
         run.nfe_forward.append(float(m[4]))
         run.nfe_backward.append(float(m[3]) - float(m[4]))
+    elif m := FF_GPU_PEAK.match(line):
+        run.gpu_peak_mib = float(m[1])
     elif m := FF_CNF_TEST.match(line):
         run.test_bpd = f"{float(m[1]):.3f} (after {int(m[2])} iterations, eval mode)"
 
@@ -231,6 +244,9 @@ def ours_from_events(run: Run, out: Path) -> None:
         bpd = {e.step: e.value for e in events.Scalars("val/bits_per_dim")} if "val/bits_per_dim" in tags else {}
         run.val_nll = f"{nll:.3f}" + (f" ({bpd[step]:.3f} bits/dim)" if step in bpd else "") \
             + f" (validation set, step {step})"
+    gpu = values("memory/gpu_peak_mib")
+    if gpu:
+        run.gpu_peak_mib = max(gpu)
     test = values("test/bits_per_dim")
     if test:
         run.test_bpd = f"{test[-1]:.3f} (after {len(run.seconds)} iterations, the validated model)"
@@ -314,6 +330,9 @@ def compare(title: str, ours: Run, theirs: Run, warmup: int) -> list[str]:
         lines.append(f"{label:24}{fmt.format(a[key]):>16}{fmt.format(b[key]):>16}{ratio(key):>13}")
     lines.append(f"{'peak RSS (MiB)':24}{ours.peak_rss_mib:>16.0f}{theirs.peak_rss_mib:>16.0f}"
                  f"{ours.peak_rss_mib / theirs.peak_rss_mib:>12.2f}x")
+    if ours.gpu_peak_mib is not None or theirs.gpu_peak_mib is not None:
+        mine, their = (f"{r.gpu_peak_mib:.0f}" if r.gpu_peak_mib is not None else "n/a" for r in (ours, theirs))
+        lines.append(f"{'peak GPU memory (MiB)':24}{mine:>16}{their:>16}")
     lines.append(f"{'child wall time (s)':24}{ours.wall:>16.1f}{theirs.wall:>16.1f}")
     lines.append(f"validation NLL: this project {ours.val_nll}; FFJORD {theirs.val_nll}")
     if ours.test_bpd != "n/a" or theirs.test_bpd != "n/a":

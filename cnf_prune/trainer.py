@@ -236,6 +236,8 @@ class Trainer:
             "flow/end_time": torch.stack([b.end_time for b in self.model.blocks]).mean().item(),
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "time/iter_seconds": seconds,
+            **({"memory/gpu_peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20}
+               if self.device.type == "cuda" else {}),
             **{f"regularization/{k}": v.item() for k, v in batch.penalties.items()},
             **(sparsity_scalars(self.model) if self.sparse else {}),
         })

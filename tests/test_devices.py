@@ -29,7 +29,7 @@ from cnf.base import fit_gaussian_mixture
 from cnf_prune.config import from_dict
 from cnf.data import make_data
 from cnf_prune.evaluate import evaluate
-from helpers import QUICK, run_train
+from helpers import QUICK, run_train, scalar_events
 from pruning.scores import get_scorer
 
 
@@ -182,6 +182,17 @@ def test_train_resume_and_sample_on_the_device(device, tmp_path, capsys, extra):
         assert sample.main([str(run / "best.pt"), "--out", str(out), "--n", "16", "--device", where]) == 0
         drawn = np.load(out)
         assert drawn.shape == (16, 2) and np.isfinite(drawn).all()
+
+
+def test_training_logs_the_peak_gpu_memory(device, tmp_path):
+    # bench/vs_ffjord.py reports it from these events next to FFJORD's own figure.
+    assert run_train(tmp_path / "run", "--set", f"train.device={device}") == 0
+    if device.type == "cuda":
+        peaks = [e.value for e in scalar_events(tmp_path / "run", "memory/gpu_peak_mib")]
+        assert len(peaks) == 4 and min(peaks) > 0
+    else:
+        with pytest.raises(KeyError):
+            scalar_events(tmp_path / "run", "memory/gpu_peak_mib")
 
 
 # --- TF32 ---------------------------------------------------------------------------
