@@ -134,6 +134,12 @@ def patch(root: Path, rel: str, old: str, new: str, why: str, patches: list[str]
     patches.append(f"{rel}: {why}")
 
 
+# A line for FFJORD's scripts: log the peak GPU memory when there is a GPU (format with indent=...).
+GPU_PEAK_LOG = ("{indent}if torch.cuda.is_available():\n"
+                "{indent}    logger.info('[vs_ffjord] peak GPU memory {{:.0f}} MiB'.format(\n"
+                "{indent}        torch.cuda.max_memory_allocated() / 2 ** 20))\n")
+
+
 def prepare_ffjord(src: Path, work: Path) -> tuple[Path, list[str]]:
     """Copy FFJORD to ``work/ffjord`` and apply the run-time compatibility patches."""
     if not (src / "train_toy.py").is_file() or not (src / "lib" / "layers" / "cnf.py").is_file():
@@ -196,9 +202,6 @@ def prepare_mnist(raw: Path, work: Path) -> Path:
 FF_TOY = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*NFE Forward (\d+)\(.*NFE Backward (\d+)\(")
 FF_TOY_TEST = re.compile(r"^\[TEST\] Iter (\d+) \| Test Loss ([-\d.]+)")
 FF_CNF = re.compile(r"^Iter (\d+) \| Time ([\d.]+)\(.*Steps (\d+)\(.*NFE Forward (\d+)")
-GPU_PEAK_LOG = ("{indent}if torch.cuda.is_available():\n"
-                "{indent}    logger.info('[vs_ffjord] peak GPU memory {{:.0f}} MiB'.format(\n"
-                "{indent}        torch.cuda.max_memory_allocated() / 2 ** 20))\n")
 FF_GPU_PEAK = re.compile(r"^\[vs_ffjord\] peak GPU memory ([\d.]+) MiB")
 FF_CNF_TEST = re.compile(r"^\[vs_ffjord\] test bits/dim ([-\d.]+) on the first 100 test images after (\d+) iterations")
 

@@ -94,37 +94,11 @@ class _PairedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kind: str, t: Tensor, z: Tensor, v: Tensor, gate_weight, gate_bias, bias, time_weight, *ws):
-        gate, shift = _time_terms(t, gate_weight, gate_bias, bias, time_weight)
-        b, k = v.shape[:2]
-        x = z.new_empty(b + b * k, z.shape[1])
-        x[:b].copy_(z)
-        x[b:].view(b, k, -1).copy_(v)
-        sizes = [w.shape[0] for w in ws]
-        gates = [None] * len(ws) if gate is None else gate.split(sizes)
-        shifts = shift.split(sizes)
         saved: list[Tensor] = []
-        for i, (w, g, c) in enumerate(zip(ws, gates, shifts)):
-            n = w.shape[0]
-            wg = w if g is None else w * g.unsqueeze(1)
-            p = x @ wg.T
-            saved += [x, wg]
-            if i == len(ws) - 1:
-                break
-            a = p[:b].add_(c)
-            u = p[b:].view(b, k, n)
-            x = torch.empty_like(p)
-            h = x[:b]
-            if kind == "tanh":
-                torch.tanh(a, out=h)
-                s = 1.0 - h * h  # as cnf.activations.Tanh rounds it
-            else:
-                torch.ops.aten.softplus.out(a, 1, 20, out=h)  # F.softplus's defaults
-                s = torch.sigmoid(a)
-            torch.mul(u, s.unsqueeze(1), out=x[b:].view(b, k, n))
-            saved += [u, s]
+        f, jv, gate = _stacked(kind, t, z, v, gate_weight, gate_bias, bias, time_weight, *ws, saved=saved)
         ctx.save_for_backward(t, z, v, gate_weight, gate_bias, bias, time_weight, gate, *ws, *saved)
-        ctx.kind, ctx.b, ctx.k, ctx.layers = kind, b, k, len(ws)
-        return p[:b] + c, p[b:].view(b, k, -1)
+        ctx.kind, ctx.b, ctx.k, ctx.layers = kind, v.shape[0], v.shape[1], len(ws)
+        return f, jv
 
     @staticmethod
     def backward(ctx, grad_f: Tensor, grad_jv: Tensor):
@@ -181,24 +155,36 @@ class _PairedMLP(torch.autograd.Function):
         return (None, grad_t.view_as(t), dx[:b], grad_v, grad_gw, grad_gb, grad_bias, grad_time_weight, *grad_ws)
 
 
-def _stacked(kind: str, t, z, v, gate_weight, gate_bias, bias, time_weight, *ws: Tensor):
-    """The forward pass of :class:`_PairedMLP` in differentiable operations."""
+def _stacked(kind: str, t, z, v, gate_weight, gate_bias, bias, time_weight, *ws: Tensor,
+             saved: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(f, J v, gate)`` of the stacked chain, in plain (differentiable) operations: run
+    without a graph inside :class:`_PairedMLP`, which passes ``saved`` to collect what its
+    backward pass reads (per layer its stacked input and gated weight; per hidden layer
+    the tangent rows ``u`` of its product and the slope ``s``), and with a graph for
+    second derivatives."""
     gate, shift = _time_terms(t, gate_weight, gate_bias, bias, time_weight)
     b, k = v.shape[:2]
     x = torch.cat([z, v.flatten(0, 1)])
-    start = 0
-    for i, w in enumerate(ws):
-        n = w.shape[0]
-        wg = w if gate is None else w * gate[start:start + n].unsqueeze(1)
+    sizes = [w.shape[0] for w in ws]
+    gates = [None] * len(ws) if gate is None else gate.split(sizes)
+    for i, (w, g, c) in enumerate(zip(ws, gates, shift.split(sizes))):
+        wg = w if g is None else w * g.unsqueeze(1)
         p = x @ wg.T
-        a = p[:b] + shift[start:start + n]
+        if saved is not None:
+            saved += [x, wg]
+        a = p[:b] + c
+        u = p[b:].view(b, k, -1)
         if i == len(ws) - 1:
-            return a, p[b:].view(b, k, n)
-        u = p[b:].view(b, k, n)
-        h = torch.tanh(a) if kind == "tanh" else torch.nn.functional.softplus(a)
-        s = 1 - h * h if kind == "tanh" else torch.sigmoid(a)
+            return a, u, gate
+        if kind == "tanh":
+            h = torch.tanh(a)
+            s = 1.0 - h * h  # as cnf.activations.Tanh rounds it
+        else:
+            h = torch.nn.functional.softplus(a)
+            s = torch.sigmoid(a)
+        if saved is not None:
+            saved += [u, s]
         x = torch.cat([h, (u * s.unsqueeze(1)).flatten(0, 1)])
-        start += n
     raise AssertionError("unreachable")
 
 
@@ -209,7 +195,7 @@ def _second_order_backward(ctx, kind: str, inputs: tuple, grad_f: Tensor, grad_j
         # Differentiate with respect to fresh aliases of the inputs, so that each gradient
         # counts only the uses inside this node (an input may also enter another input).
         aliases = [None if x is None else x.view_as(x) for x in inputs]
-        outputs = _stacked(kind, *aliases)
+        outputs = _stacked(kind, *aliases)[:2]
         grads = torch.autograd.grad(
             outputs, [aliases[i] for i in wanted], (grad_f, grad_jv), create_graph=True, allow_unused=True
         )

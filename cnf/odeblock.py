@@ -205,20 +205,32 @@ class CNFBlock(nn.Module):
                 n_coupled=1, start_time_grad=start_time_grad,
             )
         except SolverError as exc:
-            if not all(torch.isfinite(p).all() for p in (x, *params)):
-                raise NonFiniteError("NaN or inf values in the input or weights of an ODE solve") from exc
-            at = float(torch.as_tensor(counter.last_t).detach()) if counter.last_t is not None else math.nan
-            where = f"t={at:.4g}" if math.isfinite(at) else "the initial step"
-            raise SolverError(f"{exc} (failed at {where} of [0, {float(self.end_time.detach()):.4g}])") from exc
+            raise self._solve_failure(exc, (x, *params), counter) from exc
         counter.solved = True
-        sign = -1.0 if reverse else 1.0
-        if not density:
-            return BlockOutput(final[0], None, None, None, None, counter)
-        return BlockOutput(
-            z=final[0],
-            logabsdet=final[1],
-            jac_norm=sign * final[2],
-            kinetic=sign * final[3] if penalties else None,
-            jac_frobenius=sign * final[4] if penalties else None,
-            nfe=counter,
-        )
+        return _block_output(final, counter, reverse, density, penalties)
+
+    def _solve_failure(self, exc: SolverError, tensors: tuple[Tensor, ...], counter: NFECounter) -> Exception:
+        """What a failed solve raises: :class:`NonFiniteError` if its input or weights
+        hold NaN or inf, else the solver's error with the time where it failed."""
+        if not all(torch.isfinite(p).all() for p in tensors):
+            return NonFiniteError("NaN or inf values in the input or weights of an ODE solve")
+        at = float(torch.as_tensor(counter.last_t).detach()) if counter.last_t is not None else math.nan
+        where = f"t={at:.4g}" if math.isfinite(at) else "the initial step"
+        return SolverError(f"{exc} (failed at {where} of [0, {float(self.end_time.detach()):.4g}])")
+
+
+def _block_output(final: tuple[Tensor, ...], counter: NFECounter, reverse: bool, density: bool,
+                  penalties: bool) -> BlockOutput:
+    """The block's result from the final augmented state ``(z[, Δ, R[, K, F]])``; the
+    measured integrals change sign in reverse (``Δ`` already is the log-determinant)."""
+    if not density:
+        return BlockOutput(final[0], None, None, None, None, counter)
+    sign = -1.0 if reverse else 1.0
+    return BlockOutput(
+        z=final[0],
+        logabsdet=final[1],
+        jac_norm=sign * final[2],
+        kinetic=sign * final[3] if penalties else None,
+        jac_frobenius=sign * final[4] if penalties else None,
+        nfe=counter,
+    )
